@@ -1,0 +1,60 @@
+"""Features a config can name that this version does not implement yet.
+
+Each is reported as "not available in this version" whenever a config asks for it: a preset that names
+a future feature is never a silent no-op. When a feature lands it registers its own planner for the
+same name (registry.register_feature replaces the entry) and its line here is deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .registry import UNAVAILABLE, register_feature
+from .report import Skip
+
+
+def _pending(name: str, stage: str, asked: Callable[[object], str | None]) -> None:
+    def planner(model, ctx, cfg):
+        what = asked(cfg)
+        return None if what is None else Skip(name, what, UNAVAILABLE)
+
+    register_feature(name, stage=stage)(planner)
+
+
+def _quant(cfg) -> str | None:
+    q = cfg.quantization
+    if q.method == "none":
+        return None
+    return f"quantization (method={q.method}, bits={q.bits}, group_size={q.group_size})"
+
+
+def _fusion(cfg) -> str | None:
+    on = [k for k in ("qkv", "gate_up", "rms_norm", "rope") if getattr(cfg.fusion, k)]
+    return f"fused kernels ({', '.join(on)})" if on else None
+
+
+def _kv(cfg) -> str | None:
+    kv = cfg.kv_cache
+    parts = []
+    if kv.type != "dynamic":
+        parts.append(f"{kv.type} KV cache (block {kv.block_size}, prefix reuse {'on' if kv.prefix_reuse else 'off'})")
+    if kv.dtype != "model":
+        parts.append(f"KV cache dtype {kv.dtype}")
+    return "; ".join(parts) or None
+
+
+def _spec(cfg) -> str | None:
+    s = cfg.speculative
+    return None if s.draft is None else f"speculative decoding (draft={s.draft}, {s.num_draft_tokens} tokens)"
+
+
+def _compile(cfg) -> str | None:
+    c = cfg.compile
+    return f"compiled decode step (torch.compile mode={c.mode})" if c.enabled else None
+
+
+_pending("quantize", "quantize", _quant)
+_pending("fuse", "fuse", _fusion)
+_pending("kv_cache", "kv_cache", _kv)
+_pending("speculative", "speculative", _spec)
+_pending("compile", "compile", _compile)
