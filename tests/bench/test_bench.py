@@ -1,0 +1,104 @@
+"""`hfaccel bench` smoke runs and the JSON schema (no timing is asserted anywhere)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hfaccel.bench.metrics import percentile, summary
+from hfaccel.bench.runner import BenchSettings, ratios
+from hfaccel.cli import main
+
+from ..conftest import needs_default_model
+
+SUMMARY_KEYS = {"p50", "p95", "p99", "mean", "n"}
+SYSTEM_KEYS = {"ttft_ms", "tpot_ms", "e2e_ms", "decode_tok_s", "throughput_tok_s", "peak_memory_mb",
+               "peak_memory_delta_mb", "weight_bytes"}
+
+
+def check_schema(result: dict, batches: list[int], systems: set[str]) -> None:
+    assert result["schema"] == "hfaccel.bench/1"
+    assert {"hfaccel", "torch", "transformers"} <= set(result["versions"])
+    assert set(result["systems"]) == systems
+    for name, r in result["systems"].items():
+        assert SYSTEM_KEYS <= set(r), name
+        for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            assert set(r[key]) == SUMMARY_KEYS
+            assert r[key]["p50"] > 0
+        assert r["decode_tok_s"] > 0 and r["weight_bytes"] > 0
+        if name != "llama.cpp":
+            assert set(r["throughput_tok_s"]) == {str(b) for b in batches}
+            assert r["peak_memory_mb"] > 0 and r["peak_memory_delta_mb"] >= 0
+    assert set(result["ratios"]) == systems - {"transformers"}
+    c = result["correctness"]
+    assert {"lossless", "greedy_match", "token_agreement", "checked_sequences", "perplexity"} <= set(c)
+    assert result["report"]["config_name"] == result["settings"]["preset"]
+
+
+def test_bench_smoke_tiny_lossless(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    plot = tmp_path / "b.png"
+    rc = main(["bench", "--model", "tiny:llama", "--runs", "1", "--new-tokens", "4", "--prompt-tokens", "8",
+               "--batch", "1,2", "--json", str(out), "--plot", str(plot), "--quiet"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    check_schema(result, [1, 2], {"transformers", "hfaccel"})
+    assert result["correctness"]["lossless"] and result["correctness"]["greedy_match"]
+    assert result["correctness"]["perplexity"] is None
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "TTFT p50 (ms)" in text and "identical greedy tokens" in text and "hfaccel gain" in text
+
+
+def test_bench_lossy_preset_reports_quality(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--model", "tiny:qwen2", "--preset", "memory-saver", "--runs", "1", "--new-tokens", "4",
+               "--prompt-tokens", "8", "--json", str(out), "--quiet", "--ppl-windows", "1"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    check_schema(result, [1], {"transformers", "hfaccel"})
+    c = result["correctness"]
+    assert not c["lossless"] and set(c["perplexity"]) == {"transformers", "hfaccel", "delta_pct"}
+    assert "perplexity" in capsys.readouterr().out
+
+
+@needs_default_model
+def test_bench_smoke_default_model(tmp_path):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--runs", "1", "--new-tokens", "4", "--prompt-tokens", "16", "--json", str(out), "--quiet"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    check_schema(result, [1], {"transformers", "hfaccel"})
+    assert result["model"]["parameters"] > 100e6 and result["settings"]["preset"] == "cpu-fast"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batch=[0]), "--batch = [0] is not allowed"),
+    (dict(runs=0), "--runs = 0 is too small; allowed: >= 1"),
+    (dict(new_tokens=1), "--new-tokens = 1 is too small; allowed: >= 2"),
+    (dict(device="tpu"), "--device = 'tpu' is not allowed; allowed: auto, cpu, cuda"),
+    (dict(compare=["vllm"]), "--compare = 'vllm' is not allowed; allowed: llama.cpp"),
+])
+def test_bad_settings(kw, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        BenchSettings(**kw)
+
+
+def test_cli_reports_bad_preset_cleanly(capsys):
+    rc = main(["bench", "--model", "tiny:llama", "--preset", "cpu-fsat", "--quiet"])
+    assert rc == 2
+    assert "unknown preset 'cpu-fsat'" in capsys.readouterr().err
+
+
+def test_percentiles_and_ratios():
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
+    s = summary([10, 20, 30])
+    assert s["p50"] == 20 and s["n"] == 3
+    base = {"ttft_ms": {"p50": 100}, "tpot_ms": {"p50": 10}, "decode_tok_s": 100, "e2e_ms": {"p50": 1000},
+            "peak_memory_mb": 200, "weight_bytes": 4, "throughput_tok_s": {"1": 50}}
+    new = {"ttft_ms": {"p50": 50}, "tpot_ms": {"p50": 5}, "decode_tok_s": 200, "e2e_ms": {"p50": 500},
+           "peak_memory_mb": 100, "weight_bytes": 1, "throughput_tok_s": {"1": 150}}
+    r = ratios(base, new)
+    assert r == {"ttft": 2, "tpot": 2, "decode_tok_s": 2, "e2e_p50": 2, "peak_memory": 2, "weight_bytes": 4,
+                 "throughput_b1": 3}
