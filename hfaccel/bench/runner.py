@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import importlib.util
 import random
 import time
 from collections.abc import Callable
@@ -119,11 +120,8 @@ class _LlamaCpp:
     """llama.cpp through llama-cpp-python on the same GGUF file, same threads, same prompt tokens."""
 
     def __init__(self, gguf: Path, settings: BenchSettings):
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise MissingDependencyError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
-                                         "(it compiles llama.cpp, ~20 minutes on 2 cores)") from None
+        from llama_cpp import Llama
+
         threads = settings.threads or torch.get_num_threads()
         self.s = settings
         self.llm = Llama(model_path=str(gguf), n_ctx=settings.prompt_tokens + settings.new_tokens + 16,
@@ -183,6 +181,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str, int], None] | No
     device = settings.torch_device
     preset = settings.resolved_preset()
     cfg = resolve_config(preset)       # a bad preset fails here, before any model is loaded
+    if LLAMA_CPP in settings.compare:
+        _check_llama_cpp(settings)
 
     base_model, tok = models.load(settings.model)
     base_model.to(device)
@@ -255,10 +255,16 @@ def run_bench(settings: BenchSettings, progress: Callable[[str, int], None] | No
     }
 
 
-def _bench_llama_cpp(settings: BenchSettings, prompts: torch.Tensor, hf_greedy: list[int], tick) -> dict[str, Any]:
+def _check_llama_cpp(settings: BenchSettings) -> None:
     if settings.model not in ("default", models.DEFAULT_MODEL_NAME):
         raise ValueError("--compare llama.cpp needs the GGUF file of the model; it is known only for the "
                          "default model (--model default)")
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise MissingDependencyError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
+                                     "(it compiles llama.cpp, ~20 minutes on 2 cores)")
+
+
+def _bench_llama_cpp(settings: BenchSettings, prompts: torch.Tensor, hf_greedy: list[int], tick) -> dict[str, Any]:
     gguf = models.default_gguf_path()
     runner = _LlamaCpp(gguf, settings)
     first, *_ = runner.generate(prompts[0].tolist())            # warm-up and agreement check

@@ -102,3 +102,26 @@ def test_percentiles_and_ratios():
     r = ratios(base, new)
     assert r == {"ttft": 2, "tpot": 2, "decode_tok_s": 2, "e2e_p50": 2, "peak_memory": 2, "weight_bytes": 4,
                  "throughput_b1": 3}
+
+
+@needs_default_model
+def test_bench_compares_llama_cpp_when_installed(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--runs", "1", "--new-tokens", "4", "--prompt-tokens", "16", "--compare", "llama.cpp",
+               "--json", str(out), "--quiet"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    check_schema(result, [1], {"transformers", "hfaccel", "llama.cpp"})
+    lc = result["systems"]["llama.cpp"]
+    assert lc["gguf"].endswith(".gguf") and 0 <= lc["token_agreement_with_transformers"] <= 1
+
+
+def test_llama_cpp_compare_needs_the_default_model(capsys, monkeypatch):
+    import hfaccel.bench.runner as runner
+
+    monkeypatch.setattr(runner.models, "load", lambda *a: (_ for _ in ()).throw(AssertionError("loaded a model")))
+    rc = main(["bench", "--model", "tiny:llama", "--runs", "1", "--new-tokens", "2", "--prompt-tokens", "8",
+               "--compare", "llama.cpp", "--quiet"])
+    assert rc == 2
+    assert "--compare llama.cpp needs the GGUF file of the model" in capsys.readouterr().err
