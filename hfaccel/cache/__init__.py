@@ -1,5 +1,6 @@
-"""KV cache: block bookkeeping (block_pool) now; the paged transformers Cache over it lands next."""
+"""KV cache: block bookkeeping (block_pool) and a transformers Cache over pooled, paged storage (paged)."""
 
 from .block_pool import BlockPool, CacheFullError, block_hash
+from .paged import KVPool, PagedCache
 
-__all__ = ["BlockPool", "CacheFullError", "block_hash"]
+__all__ = ["BlockPool", "CacheFullError", "KVPool", "PagedCache", "block_hash"]
