@@ -114,6 +114,7 @@ class PagedCache(Cache):
         self.pool = pool
         self.tables: list[list[int]] = []
         self._slot_cache: tuple[int, torch.Tensor] | None = None
+        self._prepared = 0        # positions [0, _prepared) have private, allocated blocks in every row
         self._finalizer = weakref.finalize(self, _release_tables, pool.blocks, self.tables)
 
     # --- block tables -------------------------------------------------------------------------
@@ -124,8 +125,13 @@ class PagedCache(Cache):
             raise ValueError(f"PagedCache holds {len(self.tables)} rows, the model passed {batch}")
 
     def writable_slots(self, batch: int, start: int, end: int) -> torch.Tensor:
-        """[B, end - start] slot indices for positions start..end-1, allocating and un-sharing blocks."""
+        """[B, end - start] slot indices for positions start..end-1, allocating and un-sharing blocks.
+
+        Every layer writes the same positions, so only the first layer to reach them does the table work.
+        """
         self._ensure_rows(batch)
+        if end <= self._prepared:
+            return self.slots(end)[:, start:end]
         bs = self.pool.block_size
         need = -(-end // bs)
         missing = sum(max(0, need - len(t)) for t in self.tables)
@@ -142,6 +148,7 @@ class PagedCache(Cache):
                     self.pool.copy_block(t[j], new)
                     t[j] = new
                     self._slot_cache = None
+        self._prepared = end
         return self.slots(end)[:, start:end]
 
     def slots(self, length: int) -> torch.Tensor:
@@ -159,6 +166,7 @@ class PagedCache(Cache):
         """Return every block to the pool now (also done when the cache is garbage-collected)."""
         _release_tables(self.pool.blocks, self.tables)
         self._slot_cache = None
+        self._prepared = 0
         for layer in self.layers:
             layer.reset()
 
@@ -169,6 +177,7 @@ class PagedCache(Cache):
         _release_tables(self.pool.blocks, self.tables)
         self.tables.extend(new)
         self._slot_cache = None
+        self._prepared = 0        # rows now share blocks: the next write must copy on write again
 
     # --- Cache API ----------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
@@ -184,6 +193,7 @@ class PagedCache(Cache):
             del t[keep:]
             self.pool.blocks.release(extra)
         self._slot_cache = None
+        self._prepared = min(self._prepared, keep * self.pool.block_size)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.tables:
