@@ -2,8 +2,10 @@
 
 The pool owns `num_blocks` block ids of `block_size` tokens each. It tracks
 - a reference count per block (a block shared by several sequences has ref_count > 1);
-- a free queue in LRU order: blocks whose ref_count dropped to 0 join its tail, allocation takes from its
-  head, so the least recently released block is reused (and evicted from the prefix index) first;
+- a free queue: allocation takes from its head. A released block that holds a cached prefix joins the
+  tail, so cached blocks are evicted least recently released first (LRU); a released block with nothing
+  cached goes to the head and is reused first (its memory is warm, and the pool's untouched pages stay
+  untouched: on CPU the resident size grows only as far as the cache is actually used);
 - a prefix index: hash of (parent block's hash, this block's tokens) -> block id, for FULL blocks only.
   A cached block whose ref_count is 0 stays in the free queue with its hash; a prefix hit takes it back
   out ("touch") without recomputing it. It is evicted only when allocation reaches it.
@@ -107,6 +109,8 @@ class BlockPool:
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
                 self._free[b] = None
+                if b not in self._hash_of:        # nothing worth keeping: reuse it first, while its memory is warm
+                    self._free.move_to_end(b, last=False)
 
     def copy_on_write(self, block: int) -> int:
         """The block id a writer may write into: `block` itself when private and uncached, else a fresh

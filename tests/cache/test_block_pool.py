@@ -17,14 +17,14 @@ def cache_prompt(pool: BlockPool, tokens: list[int], blocks: list[int]) -> None:
         pool.cache_block(blocks[i], parent)
 
 
-def test_allocate_in_order_and_release_to_lru_tail():
+def test_allocate_in_order_and_uncached_blocks_are_reused_first():
     pool = BlockPool(6, block_size=4)
     assert pool.allocate(2) == [0, 1]
     assert pool.allocate(3) == [2, 3, 4]
     assert pool.ref_count == [1, 1, 1, 1, 1, 0] and pool.num_free == 1
-    pool.release([0, 1])                      # a sequence's blocks, in order: its tail is queued first
-    assert pool.free_order() == [5, 1, 0]
-    assert pool.allocate(2) == [5, 1]
+    pool.release([0, 1])                      # nothing cached in them: back to the head, warm memory first
+    assert pool.free_order() == [0, 1, 5]
+    assert pool.allocate(2) == [0, 1]
     pool.check()
 
 
@@ -55,12 +55,12 @@ def test_prefix_hit_reuses_full_blocks_but_never_the_last_token():
     blocks = pool.allocate(3)
     cache_prompt(pool, prompt, blocks)
     assert [pool.is_cached(b) for b in blocks] == [True, True, False]
-    pool.release(blocks)
-    assert pool.free_order() == [3, 4, 5, 6, 7, 2, 1, 0]
+    pool.release(blocks)                      # the partial block (nothing cached) goes to the head,
+    assert pool.free_order() == [2, 3, 4, 5, 6, 7, 1, 0]    # cached ones to the LRU tail, sequence tail first
 
     hit, hashes = pool.match_prefix(prompt[:8] + [7, 7])
     assert hit == [0, 1] and len(hashes) == 2
-    assert pool.ref_count[:2] == [1, 1] and pool.free_order() == [3, 4, 5, 6, 7, 2]
+    assert pool.ref_count[:2] == [1, 1] and pool.free_order() == [2, 3, 4, 5, 6, 7]
     assert (pool.stats.prefix_hits, pool.stats.prefix_queries) == (2, 2)
     pool.release(hit)
 
