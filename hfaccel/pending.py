@@ -33,16 +33,6 @@ def _fusion(cfg) -> str | None:
     return f"fused kernels ({', '.join(on)})" if on else None
 
 
-def _kv(cfg) -> str | None:
-    kv = cfg.kv_cache
-    parts = []
-    if kv.type != "dynamic":
-        parts.append(f"{kv.type} KV cache (block {kv.block_size}, prefix reuse {'on' if kv.prefix_reuse else 'off'})")
-    if kv.dtype != "model":
-        parts.append(f"KV cache dtype {kv.dtype}")
-    return "; ".join(parts) or None
-
-
 def _spec(cfg) -> str | None:
     s = cfg.speculative
     return None if s.draft is None else f"speculative decoding (draft={s.draft}, {s.num_draft_tokens} tokens)"
@@ -55,6 +45,5 @@ def _compile(cfg) -> str | None:
 
 _pending("quantize", "quantize", _quant)
 _pending("fuse", "fuse", _fusion)
-_pending("kv_cache", "kv_cache", _kv)
 _pending("speculative", "speculative", _spec)
 _pending("compile", "compile", _compile)

@@ -62,12 +62,14 @@ class Rewriter:
         return stuck[::-1]
 
     # --- mutations -----------------------------------------------------------------------------
-    def set_attr(self, obj: Any, name: str, value: Any, *, target: str, lossless: bool = True) -> None:
-        """Set an attribute on one object (an instance, never a class), remembering the old value."""
+    def set_attr(self, obj: Any, name: str, value: Any, *, target: str, lossless: bool = True,
+                 label: str | None = None) -> None:
+        """Set an attribute on one object (an instance, never a class), remembering the old value.
+        `label` is how the report describes the new value (default: its short repr)."""
         if isinstance(obj, type):
             raise TypeError(f"refusing to patch class {obj.__name__}: hfaccel patches instances only")
         old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
-        shown = getattr(obj, name, None)
+        shown = getattr(obj, name, _MISSING)
         setattr(obj, name, value)
 
         def undo() -> None:
@@ -76,7 +78,7 @@ class Rewriter:
             else:
                 setattr(obj, name, old)
 
-        self.record(target, _short(shown), _short(value), undo, lossless=lossless)
+        self.record(target, "-" if shown is _MISSING else _short(shown), label if label is not None else _short(value), undo, lossless=lossless)
 
     def swap_module(self, path: str, new: nn.Module, *, lossless: bool = True) -> None:
         """Replace the submodule at dotted `path` with `new`; the original is kept for revert."""

@@ -40,17 +40,20 @@ def assert_same(a, b):
 def test_report_lists_changes_skips_and_unavailable_features():
     model = models.tiny("llama")
     model.set_attn_implementation("eager")
-    report = hfaccel.accelerate_model(model, "cpu-fast")
+    report = hfaccel.accelerate_model(model, "cpu-fast", kv_cache={"max_cache_tokens": 4096})
     assert [(c.feature, c.target, c.before, c.after) for c in report.changes] == [
-        ("attention", "config._attn_implementation", "eager", "sdpa")]
+        ("kv_cache", "hfaccel_kv_pool", "-", "256 blocks x 16 tokens (2.0 MiB, float32; max_cache_tokens = 4096)"),
+        ("kv_cache", "config._attn_implementation", "eager", "hfaccel_paged"),
+        ("kv_cache", "hfaccel_stats", "-", "prefix hits, reuse, evictions"),
+        ("kv_cache", "generate", "GenerationMixin.generate()", "generate() on a PagedCache (paged attention)")]
     assert report.lossless and report.reversible and not report.noop
     unavailable = {s.feature for s in report.skipped if s.status == UNAVAILABLE}
-    assert unavailable == {"fuse", "kv_cache", "compile"}
+    assert unavailable == {"fuse", "compile"}
     assert report.spec == "llama" and report.architecture == "llama"
     d = json.loads(report.to_json())
-    assert d["changes"][0]["after"] == "sdpa" and d["lossless"] is True
+    assert d["changes"][1]["after"] == "hfaccel_paged" and d["lossless"] is True
     text = str(report)
-    assert "not available in this version" in text and "config._attn_implementation" in text
+    assert "not available in this version" in text and "hfaccel_kv_pool" in text
     assert model.hfaccel_report is report
 
 
@@ -60,7 +63,6 @@ def test_every_requested_future_feature_is_reported_not_silently_dropped():
                                       compile={"enabled": True})
     reasons = {s.feature: s.reason for s in report.skipped if s.status == UNAVAILABLE}
     assert reasons["quantize"] == "quantization (method=rtn, bits=8, group_size=-1)"
-    assert "KV cache dtype int8" in reasons["kv_cache"]
     assert reasons["speculative"].startswith("speculative decoding (draft=prompt-lookup")
     assert "compile" in reasons and "fuse" in reasons
 
@@ -75,7 +77,7 @@ def test_second_call_is_a_noop_that_says_so():
     assert "already accelerated" in second.notes[-1]
     with pytest.warns(UserWarning, match="call hfaccel.revert_model\\(model\\) first"):
         third = hfaccel.accelerate_model(model, "memory-saver")
-    assert third.noop and model.config._attn_implementation == "sdpa"
+    assert third.noop and model.config._attn_implementation == "hfaccel_paged"
 
 
 @pytest.mark.parametrize("config", [None, "cpu-fast", {"dtype": "bfloat16", "keep_original": True}])
@@ -100,7 +102,7 @@ def test_lossy_change_without_original_is_irreversible():
     assert any("weight SQNR" in n for n in report.notes)
     with pytest.raises(RevertError, match="dtype: parameters float32 .* -> bfloat16 kept no original"):
         hfaccel.revert_model(model)
-    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"   # untouched
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "hfaccel_paged"   # untouched
     stuck = hfaccel.revert_model(model, strict=False)
     assert [c.feature for c in stuck] == ["dtype"]
     assert model.config._attn_implementation == "eager" and model.dtype == torch.bfloat16
@@ -127,10 +129,11 @@ def test_failure_midway_rolls_back_and_names_the_step(monkeypatch):
         raise RuntimeError("injected")
 
     monkeypatch.setattr(Rewriter, "set_attn_implementation", boom)
-    with pytest.raises(AccelError, match=r"failed in step 'attention' \(RuntimeError: injected\); the model was "
+    with pytest.raises(AccelError, match=r"failed in step 'kv_cache' \(RuntimeError: injected\); the model was "
                                          r"restored") as info:
-        hfaccel.accelerate_model(model, dtype="bf16")    # dtype (lossy) applied first, then the fault
-    assert info.value.step == "attention"
+        hfaccel.accelerate_model(model, dtype="bf16")    # dtype (lossy) and the pool applied first, then the fault
+    assert info.value.step == "kv_cache"
+    assert "hfaccel_kv_pool" not in model.__dict__ and "generate" not in model.__dict__
     assert_same(before, snapshot(model))
     assert model.dtype == torch.float32
 
@@ -182,23 +185,32 @@ def test_unknown_architecture_gets_generic_features_and_says_so():
     assert report.spec is None
     arch = next(s for s in report.skipped if s.feature == "architecture")
     assert arch.reason.startswith("generic features only: no patches/ spec for model_type 'gpt_neox'")
-    assert [c.feature for c in report.changes] == ["attention"]
+    assert [c.feature for c in report.changes] == ["kv_cache"] * 4
     x = prompts(128)
     assert torch.equal(greedy(model, x), greedy(plain, x))
 
 
 def test_attention_choices_and_refusals():
     model = models.tiny("llama")
-    report = hfaccel.accelerate_model(model, attention={"backend": "flash_attention_2"})
+    dynamic = {"type": "dynamic"}
+    report = hfaccel.accelerate_model(model, attention={"backend": "flash_attention_2"}, kv_cache=dynamic)
     skip = next(s for s in report.skipped if s.feature == "attention")
     assert skip.reason == "flash_attention_2 needs a CUDA device; the model is on cpu"
     assert not report.changes
     hfaccel.revert_model(model)
-    report = hfaccel.accelerate_model(model, attention={"backend": "eager"})
+    report = hfaccel.accelerate_model(model, attention={"backend": "eager"}, kv_cache=dynamic)
     assert report.changes[0].after == "eager"
     hfaccel.revert_model(model)
-    report = hfaccel.accelerate_model(model, attention={"backend": "paged"})
-    assert any(s.feature == "attention" and s.status == UNAVAILABLE for s in report.skipped)
+    report = hfaccel.accelerate_model(model, attention={"backend": "paged"}, kv_cache=dynamic)
+    assert [s.reason for s in report.skipped if s.feature == "attention"] == [
+        "backend paged reads the paged KV cache; kv_cache.type is dynamic"]
+    hfaccel.revert_model(model)
+    hfaccel.accelerate_model(model, attention={"backend": "paged"})
+    assert model.config._attn_implementation == "hfaccel_paged"
+    hfaccel.revert_model(model)
+    report = hfaccel.accelerate_model(model, attention={"backend": "eager"})      # paged cache, gathered K/V
+    assert model.config._attn_implementation == "eager"
+    assert report.changes[-1].after == "generate() on a PagedCache (gather attention)"
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):

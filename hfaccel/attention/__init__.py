@@ -12,7 +12,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from ..registry import UNAVAILABLE, Plan, register_feature
+from ..registry import Plan, register_feature
 from ..report import Skip
 
 
@@ -60,7 +60,14 @@ def choose_backend(model: nn.Module, ctx, wanted: str) -> tuple[str | None, str]
 def plan_attention(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     wanted = cfg.attention.backend
     if wanted == "paged":
-        return Skip("attention", "paged attention (backend: paged) lands with the paged KV cache", UNAVAILABLE)
+        if cfg.kv_cache.type != "paged":
+            return Skip("attention", f"backend paged reads the paged KV cache; kv_cache.type is {cfg.kv_cache.type}")
+        return None          # the kv_cache feature installs hfaccel_paged with the pool
+    if wanted == "auto" and cfg.kv_cache.type == "paged" and _supported(model, "sdpa") is None:
+        from ..cache.feature import _paged_problem
+
+        if _paged_problem(model) is None:
+            return None      # the kv_cache feature installs hfaccel_paged (sdpa plus paged decode)
     impl, why = choose_backend(model, ctx, wanted)
     if impl is None:
         return Skip("attention", why)

@@ -1,0 +1,147 @@
+"""Paged attention: the "hfaccel_paged" attention implementation, registered through Transformers'
+AttentionInterface together with its mask function (sdpa's boolean masks, so padding is honoured).
+
+With a PagedCache in "paged" mode, a layer's cache update only writes the new tokens into the pool; the
+attention call then reads K/V through the block table:
+
+- prefill of a fresh prompt: the new tokens are all the keys there are, so dense sdpa on them, no pool
+  read at all;
+- prefill after a prefix hit, or chunked prefill: the rows' K/V are gathered from the pool, then sdpa;
+- decode (one query token): a decode kernel that reads the pool in place —
+  * "triton" on CUDA: one program per (row, query head), walking the row's block table with an online
+    softmax (int8 K/V are dequantized in registers);
+  * "compiled" on CPU: the same computation written as two reductions with indirect loads, compiled by
+    Inductor, so the gather is fused into the loops and never materialised;
+  * "gather": gather the rows' K/V into a contiguous tensor, then sdpa.
+  DEFAULT_DECODE picks per device; benchmarks/paged_attention.py measures the CPU choice (see its docstring
+  for the figures that set it).
+
+Any other call (no cache, a DynamicCache, a PagedCache in gather mode) falls through to plain sdpa.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .paged import PagedCache, take_pending
+
+NAME = "hfaccel_paged"
+DECODE_KERNELS = ("gather", "compiled", "triton")
+# Measured on the 2-core CPU (benchmarks/paged_attention.py): gather + sdpa wins at every context we serve
+# there, so it is the CPU default; the compiled kernel stays selectable.
+DEFAULT_DECODE = {"cpu": "gather", "cuda": "triton"}
+_decode_override: str | None = None
+
+
+def set_decode_kernel(name: str | None) -> None:
+    """Force a decode kernel (for benchmarks and tests); None restores the per-device default."""
+    global _decode_override
+    if name is not None and name not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {name!r} is not allowed; allowed: {', '.join(DECODE_KERNELS)}")
+    _decode_override = name
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def decode_kernel_for(device: torch.device) -> str:
+    if _decode_override is not None:
+        return _decode_override
+    name = DEFAULT_DECODE.get(device.type, "gather")
+    if name == "triton" and not triton_available():
+        return "gather"
+    return name
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, **kwargs):
+    taken = take_pending(key)
+    if taken is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    cache, layer = taken
+    length = cache.layers[layer].length
+    q_len = query.shape[2]
+    if length == q_len and cache.pool.kv_dtype == "model":       # fresh prefill: the new tokens are all keys
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if q_len == 1 and kwargs.get("softcap") is None:
+        kernel = decode_kernel_for(query.device)
+        if kernel != "gather":
+            out = paged_decode(cache, layer, query[:, :, 0], attention_mask, scale, kernel)   # [B, Hq, D]
+            return out[:, None], None                                                     # [B, 1, Hq, D]
+    k, v = cache.pool.read(layer, cache.slots(length))
+    return sdpa_attention_forward(module, query, k.to(query.dtype), v.to(query.dtype), attention_mask,
+                                  dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _valid_keys(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """[B, T] bool of the keys a single query may attend to, from sdpa's [B, 1, 1, T] mask."""
+    if attention_mask is None:
+        return None
+    m = attention_mask[:, 0, -1, :length]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+
+def paged_decode(cache: PagedCache, layer: int, q: torch.Tensor, attention_mask, scale: float,
+                 kernel: str) -> torch.Tensor:
+    """Attention of one query token per row over the row's paged K/V. q: [B, Hq, D] -> [B, Hq, D]."""
+    pool = cache.pool
+    length = cache.layers[layer].length
+    valid = _valid_keys(attention_mask, length)
+    ks = pool.key_scales[layer] if pool.key_scales is not None else None
+    vs = pool.value_scales[layer] if pool.value_scales is not None else None
+    if kernel == "triton":
+        from .triton_decode import paged_decode_triton
+
+        table, offsets = cache.block_table()
+        return paged_decode_triton(q, pool.keys[layer], pool.values[layer], table, offsets, length, valid,
+                                   scale, pool.block_size, ks, vs)
+    if kernel == "compiled":
+        slots = cache.slots(length)
+        if valid is None:
+            valid = torch.ones(slots.shape, dtype=torch.bool, device=slots.device)
+        return _compiled_decode()(q, pool.keys[layer], pool.values[layer], slots, valid, scale, ks, vs)
+    raise ValueError(f"decode kernel {kernel!r} is not allowed here; allowed: compiled, triton")
+
+
+def decode_reference(q, k_pool, v_pool, slots, valid, scale: float, k_scale=None, v_scale=None):
+    """Block-wise decode attention as plain tensor code (the compiled CPU kernel's source).
+
+    Written as broadcast-multiply + sum so that Inductor emits reductions with indirect loads from the pool
+    (no gathered copy), GQA by grouping query heads over their KV head.
+    """
+    b, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    g = hq // hkv
+    k = k_pool[slots].to(q.dtype)                                   # [B, T, Hkv, D] (fused by Inductor)
+    if k_scale is not None:
+        k = k * k_scale[slots].to(q.dtype)[..., None]
+    qg = q.view(b, 1, hkv, g, d)
+    scores = (qg * k[:, :, :, None, :]).sum(-1) * scale              # [B, T, Hkv, G]
+    scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
+    p = torch.softmax(scores.float(), dim=1).to(q.dtype)
+    v = v_pool[slots].to(q.dtype)
+    if v_scale is not None:
+        v = v * v_scale[slots].to(q.dtype)[..., None]
+    out = (p[..., None] * v[:, :, :, None, :]).sum(1)               # [B, Hkv, G, D]
+    return out.reshape(b, hq, d)
+
+
+@functools.cache
+def _compiled_decode():
+    return torch.compile(decode_reference, dynamic=True, fullgraph=True)
+
+
+def register() -> None:
+    """Make "hfaccel_paged" a valid attn_implementation (idempotent)."""
+    AttentionInterface.register(NAME, paged_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
