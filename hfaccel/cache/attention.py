@@ -78,7 +78,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout: 
         if kernel != "gather":
             out = paged_decode(cache, layer, query[:, :, 0], attention_mask, scale, kernel)   # [B, Hq, D]
             return out[:, None], None                                                     # [B, 1, Hq, D]
-    k, v = cache.pool.read(layer, cache.slots(length))
+    k, v = cache.read(layer, length)
     return sdpa_attention_forward(module, query, k.to(query.dtype), v.to(query.dtype), attention_mask,
                                   dropout=dropout, scaling=scaling, **kwargs)
 
@@ -97,19 +97,17 @@ def paged_decode(cache: PagedCache, layer: int, q: torch.Tensor, attention_mask,
     pool = cache.pool
     length = cache.layers[layer].length
     valid = _valid_keys(attention_mask, length)
-    ks = pool.key_scales[layer] if pool.key_scales is not None else None
-    vs = pool.value_scales[layer] if pool.value_scales is not None else None
+    k_pool, v_pool, ks, vs = pool.layer_views(layer)
     if kernel == "triton":
         from .triton_decode import paged_decode_triton
 
         table, offsets = cache.block_table()
-        return paged_decode_triton(q, pool.keys[layer], pool.values[layer], table, offsets, length, valid,
-                                   scale, pool.block_size, ks, vs)
+        return paged_decode_triton(q, k_pool, v_pool, table, offsets, length, valid, scale, pool.block_size, ks, vs)
     if kernel == "compiled":
         slots = cache.slots(length)
         if valid is None:
             valid = torch.ones(slots.shape, dtype=torch.bool, device=slots.device)
-        return _compiled_decode()(q, pool.keys[layer], pool.values[layer], slots, valid, scale, ks, vs)
+        return _compiled_decode()(q, k_pool, v_pool, slots, valid, scale, ks, vs)
     raise ValueError(f"decode kernel {kernel!r} is not allowed here; allowed: compiled, triton")
 
 

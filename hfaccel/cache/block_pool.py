@@ -81,10 +81,23 @@ class BlockPool:
         return list(self._free)
 
     # --- allocation ---------------------------------------------------------------------------
-    def allocate(self, n: int) -> list[int]:
-        """n fresh blocks with ref_count 1, taken from the LRU head; all or nothing."""
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """n fresh blocks with ref_count 1, taken from the head of the free queue; all or nothing.
+
+        after: a block id the new ones should follow. When blocks after+1 .. after+n are all free they are
+        taken instead (a cached one among them is evicted), so a sequence that grows stays in consecutive
+        blocks and its K/V can be read as one view of the pool, without a gather. Only blocks that hold
+        no cached prefix qualify: cached ones are evicted in LRU order, never out of turn.
+        """
         if n > len(self._free):
             raise CacheFullError(n, len(self._free), self.block_size)
+        if after is not None:
+            run = range(after + 1, after + 1 + n)
+            if run.stop <= self.num_blocks and all(b in self._free and b not in self._hash_of for b in run):
+                for block in run:
+                    del self._free[block]
+                    self.ref_count[block] = 1
+                return list(run)
         out = []
         for _ in range(n):
             block, _ = self._free.popitem(last=False)
@@ -92,6 +105,17 @@ class BlockPool:
             self.ref_count[block] = 1
             out.append(block)
         return out
+
+    def allocate_run(self, n: int) -> list[int] | None:
+        """n free blocks with consecutive ids holding no cached prefix (the lowest such run), or None."""
+        if n > len(self._free):
+            return None
+        start, count = -2, 0
+        for b in sorted(b for b in self._free if b not in self._hash_of):
+            start, count = (start, count + 1) if b == start + count else (b, 1)
+            if count == n:
+                return self.allocate(n, after=start - 1)
+        return None
 
     def share(self, blocks: Sequence[int]) -> None:
         """One more reference to each block (a forked sequence, a beam, a prefix hit)."""

@@ -180,7 +180,7 @@ def new_cache(model, input_ids: torch.Tensor | None = None, attention_mask: torc
     mode = "paged" if model.config._attn_implementation == paged_attention.NAME else "gather"
     if input_ids is None:
         return PagedCache(pool, attention=mode)
-    return PagedCache.for_prompt(pool, input_ids, attention_mask, reuse=False, attention=mode)
+    return PagedCache.for_prompt(pool, input_ids, attention_mask, reuse=True, attention=mode)
 
 
 def _paged_problem(model: nn.Module) -> str | None:

@@ -1,7 +1,8 @@
 """A transformers Cache over pooled, block-paged K/V storage.
 
-KVPool holds one K and one V tensor per model, [layers, slots, kv_heads, head_dim] with
-slots = (num_blocks + 1) * block_size, plus the BlockPool that hands out block ids. The extra last block
+KVPool holds one K and one V tensor per model, [layers, kv_heads, slots, head_dim] with
+slots = (num_blocks + 1) * block_size (head-major, so that a run of consecutive slots is a [H, T, D] view
+whose inner dims are contiguous, the layout sdpa reads fastest), plus the BlockPool that hands out block ids. The extra last block
 is the *null block*: it is never allocated, and every left-padding position of every row maps to it, so
 padding costs no memory (a row of 16 real tokens in a batch padded to 512 holds one block, not 32).
 Padding K/V written there is garbage that the attention mask hides.
@@ -97,7 +98,7 @@ class KVPool:
         self.dtype = dtype                      # what update() takes and returns
         self.kv_dtype = kv_dtype
         self.null_block = num_blocks
-        shape = (num_layers, (num_blocks + 1) * block_size, kv_heads, head_dim)
+        shape = (num_layers, kv_heads, (num_blocks + 1) * block_size, head_dim)
         store = torch.int8 if kv_dtype == "int8" else dtype
         # empty, not zeros: a slot is always written before it is read (on CPU the pages are only touched
         # as blocks get used). The null block is zeroed: padding reads it before any pad token wrote it.
@@ -110,7 +111,7 @@ class KVPool:
         null = slice(num_blocks * block_size, None)
         for t in (self.keys, self.values, self.key_scales, self.value_scales):
             if t is not None:
-                t[:, null] = 0
+                t[:, :, null] = 0
         self.stats = CacheStats(pool_blocks=num_blocks, block_size=block_size)
 
     @staticmethod
@@ -147,7 +148,13 @@ class KVPool:
 
     @property
     def bytes_per_slot(self) -> int:
-        return self.bytes // self.keys.shape[1]
+        return self.bytes // self.keys.shape[2]
+
+    def layer_views(self, layer: int):
+        """(K, V, K scales, V scales) of one layer indexed [slot, head, ...], as the decode kernels take them."""
+        ks = self.key_scales[layer].transpose(0, 1) if self.key_scales is not None else None
+        vs = self.value_scales[layer].transpose(0, 1) if self.value_scales is not None else None
+        return self.keys[layer].transpose(0, 1), self.values[layer].transpose(0, 1), ks, vs
 
     def snapshot(self) -> CacheStats:
         s = self.stats
@@ -158,29 +165,54 @@ class KVPool:
 
     # --- tensor access ------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store [N, H, D] keys/values at N slot indices."""
+        """Store [H, N, D] keys/values at N slot indices."""
         if self.kv_dtype == "int8":
             for src, store, scales in ((keys, self.keys, self.key_scales), (values, self.values, self.value_scales)):
                 q, s = quantize_int8(src)
-                store[layer].index_copy_(0, slots, q)
-                scales[layer].index_copy_(0, slots, s)
+                store[layer].index_copy_(1, slots, q)
+                scales[layer].index_copy_(1, slots, s)
         else:
-            self.keys[layer].index_copy_(0, slots, keys.to(self.keys.dtype))
-            self.values[layer].index_copy_(0, slots, values.to(self.values.dtype))
+            self.keys[layer].index_copy_(1, slots, keys.to(self.keys.dtype))
+            self.values[layer].index_copy_(1, slots, values.to(self.values.dtype))
+
+    def _dequant(self, k, v, ks, vs):
+        if self.kv_dtype == "int8":
+            k = k.to(self.dtype) * ks.to(self.dtype)[..., None]
+            v = v.to(self.dtype) * vs.to(self.dtype)[..., None]
+        return k, v
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at `slots` ([B, T] indices) as [B, H, T, D] in the pool's compute dtype."""
-        k, v = self.keys[layer][slots], self.values[layer][slots]               # [B, T, H, D]
+        b, t = slots.shape
+        h, n, d = self.keys.shape[1:]
+        # one index over the flattened [H * slots] rows, ordered [B, H, T]: the result is contiguous
+        # [B, H, T, D], the layout sdpa's fast kernels need
+        idx = (slots[:, None, :] + torch.arange(h, device=slots.device)[None, :, None] * n).reshape(-1)
+        k = self.keys[layer].view(h * n, d).index_select(0, idx)
+        v = self.values[layer].view(h * n, d).index_select(0, idx)
+        ks = vs = None
         if self.kv_dtype == "int8":
-            k = k.to(self.dtype) * self.key_scales[layer][slots].to(self.dtype)[..., None]
-            v = v.to(self.dtype) * self.value_scales[layer][slots].to(self.dtype)[..., None]
-        return k.transpose(1, 2), v.transpose(1, 2)
+            ks = self.key_scales[layer].reshape(-1).index_select(0, idx)
+            vs = self.value_scales[layer].reshape(-1).index_select(0, idx)
+        k, v = self._dequant(k, v, ks, vs)
+        return k.view(b, h, t, d), v.view(b, h, t, d)
+
+    def read_run(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one row stored in consecutive slots: [1, H, T, D] views, no copy (unless int8)."""
+        k = self.keys[layer, :, start:start + length]
+        v = self.values[layer, :, start:start + length]
+        ks = vs = None
+        if self.kv_dtype == "int8":
+            ks = self.key_scales[layer, :, start:start + length]
+            vs = self.value_scales[layer, :, start:start + length]
+        k, v = self._dequant(k, v, ks, vs)
+        return k[None], v[None]
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
         for t in (self.keys, self.values, self.key_scales, self.value_scales):
             if t is not None:
-                t[:, dst * bs:(dst + 1) * bs] = t[:, src * bs:(src + 1) * bs]
+                t[:, :, dst * bs:(dst + 1) * bs] = t[:, :, src * bs:(src + 1) * bs]
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,15 +245,15 @@ class PagedLayer(CacheLayerMixin):
         b, h, s, d = key_states.shape
         start = self.length
         slots = cache.writable_slots(b, start, start + s).reshape(-1)          # [B * S]
-        cache.pool.write(self.layer_idx, slots, key_states.transpose(1, 2).reshape(b * s, h, d),
-                         value_states.transpose(1, 2).reshape(b * s, h, d))
+        cache.pool.write(self.layer_idx, slots, key_states.transpose(0, 1).reshape(h, b * s, d),
+                         value_states.transpose(0, 1).reshape(h, b * s, d))
         self.length = start + s
         if self.layer_idx == cache.last_layer:
             cache.register_prompt_blocks(self.length)
         if cache.attention == "paged":
             _pending.value = (key_states, cache, self.layer_idx)
             return key_states, value_states
-        return cache.pool.read(self.layer_idx, cache.slots(self.length))
+        return cache.read(self.layer_idx, self.length)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -260,8 +292,10 @@ class PagedCache(Cache):
         self.prompts: list[list[int]] | None = None   # real prompt tokens per row, to register full blocks
         self._hashes: list[list[int]] = []       # chained hashes of each row's registered prompt blocks
         self._slot_cache: tuple[int, torch.Tensor] | None = None
+        self._run: int | None = None             # first slot, when a single row sits in consecutive slots
         self._table_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prepared = 0        # positions [0, _prepared) have private, allocated blocks in every row
+        self._compacted = False
         self._finalizer = weakref.finalize(self, _release_tables, pool.blocks, self.tables)
 
     @classmethod
@@ -343,7 +377,8 @@ class PagedCache(Cache):
         needs = [self._blocks_needed(r, end) for r in range(batch)]
         missing = sum(max(0, n - len(t)) for n, t in zip(needs, self.tables))
         if missing:
-            fresh = iter(self.pool.blocks.allocate(missing))       # all rows or none: CacheFullError
+            after = self.tables[0][-1] if batch == 1 and self.tables[0] else None
+            fresh = iter(self.pool.blocks.allocate(missing, after))  # all rows or none: CacheFullError
             for n, t in zip(needs, self.tables):
                 t.extend(next(fresh) for _ in range(n - len(t)))
             self._invalidate()
@@ -354,11 +389,41 @@ class PagedCache(Cache):
                     self.pool.copy_block(t[j], new)
                     t[j] = new
                     self._invalidate()
+        if batch == 1 and end - start == 1 and not self._compacted and needs[0] > 1:     # first decode step
+            self._compact(start)
         self._prepared = end
         return self.slots(end)[:, start:end]
 
+    def _compact(self, written: int) -> None:
+        """Move a single row whose blocks are scattered (a prefix hit followed by fresh blocks) into
+        consecutive blocks, once: one copy of what is written so far, after which every decode step reads
+        its K/V as a view of the pool instead of gathering them. Skipped when no free run is long enough."""
+        self._compacted = True
+        table = self.tables[0]
+        if table == list(range(table[0], table[0] + len(table))):
+            return
+        run = self.pool.blocks.allocate_run(len(table))
+        if run is None:
+            return
+        bs = self.pool.block_size
+        j = 0
+        while j * bs < written:              # copy maximal runs of consecutive source blocks as slices
+            k = j + 1
+            while k < len(table) and table[k] == table[k - 1] + 1 and k * bs < written:
+                k += 1
+            n = min(k * bs, written) - j * bs
+            src, dst = table[j] * bs, run[j] * bs
+            for t in (self.pool.keys, self.pool.values, self.pool.key_scales, self.pool.value_scales):
+                if t is not None:
+                    t[:, :, dst:dst + n] = t[:, :, src:src + n]
+            j = k
+        self.pool.blocks.release(table)
+        table[:] = run
+        self._invalidate()
+
     def _invalidate(self) -> None:
         self._slot_cache = None
+        self._run = None
         self._table_cache = None
 
     def block_table(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +452,20 @@ class PagedCache(Cache):
         full = torch.where(rel < 0, self.pool.null_block * bs + pos % bs, full)
         valid = min(p + len(t) * bs for p, t in zip(self.offsets, self.tables))   # positions with real slots
         self._slot_cache = (max(valid, length), full)
+        self._run = None
+        if len(self.tables) == 1 and not self.offsets[0] and self.tables[0]:
+            t = self.tables[0]
+            if t == list(range(t[0], t[0] + len(t))):
+                self._run = t[0] * bs
         return full[:, :length]
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, H, length, D] K and V of every row: a view of the pool when one row sits in consecutive
+        blocks (the common batch-1 case: blocks are handed out in order), else a gather."""
+        slots = self.slots(length)
+        if self._run is not None:
+            return self.pool.read_run(layer, self._run, length)
+        return self.pool.read(layer, slots)
 
     def register_prompt_blocks(self, length: int) -> None:
         """Add every prompt block that is full and written in all layers to the pool's prefix index."""
