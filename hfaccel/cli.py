@@ -48,6 +48,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if args.workload == "kv-cache":
+        return cmd_bench_kv(args)
+
     from .bench.output import correctness_line, render_table, write_json, write_plot
     from .bench.runner import BenchSettings, run_bench, total_steps
 
@@ -70,6 +73,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     c = result["correctness"]
     if c["lossless"] and not c["greedy_match"]:
         return 3
+    return 0
+
+
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench.kvcache import KVBenchSettings, render, run_kv_bench
+
+    if args.preset or args.config:
+        raise ValueError("--workload kv-cache measures the kv_cache feature alone; it takes no --preset/--config")
+    s = KVBenchSettings(model=args.model, prefix_tokens=args.prefix_tokens, runs=min(args.runs, 5),
+                        long_context=args.long_context, kernels=args.kernels, threads=args.threads)
+    with err.status("bench kv-cache: loading") as status:
+        result = run_kv_bench(s, lambda label: status.update(f"bench kv-cache: {label}"))
+    for table in render(result):
+        out.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        out.print(f"wrote {args.json}")
     return 0
 
 
@@ -102,14 +125,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .quality import perplexity
 
     model, tok = models.load(args.model)
-    base = perplexity(model, tok, window=args.window, max_windows=args.windows)
+    chunk = args.chunk or None
+    base = perplexity(model, tok, window=args.window, max_windows=args.windows, chunk=chunk)
     out.print(f"transformers: perplexity {base['perplexity']:.4f} over {base['windows']} windows of "
               f"{base['window']} tokens (held-out CPython docs)")
     preset = args.preset or args.config
     if preset:
         accel = copy.deepcopy(model)
         accelerate_model(accel, preset)
-        got = perplexity(accel, tok, window=args.window, max_windows=args.windows)
+        got = perplexity(accel, tok, window=args.window, max_windows=args.windows, chunk=chunk)
         delta = 100 * (got["perplexity"] / base["perplexity"] - 1)
         out.print(f"hfaccel {preset}: perplexity {got['perplexity']:.4f} ({delta:+.2f}%)")
     return 0
@@ -135,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the figures (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workload", default="latency", choices=("latency", "kv-cache"),
+                   help="latency: plain vs accelerated generate (default); kv-cache: prefix-reuse TTFT, KV memory "
+                        "accounting on a mixed-length batch, long-context decode TPOT")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="kv-cache: shared prefix length")
+    p.add_argument("--long-context", type=int, default=2000, help="kv-cache: context for the TPOT measurement")
+    p.add_argument("--kernels", type=lambda t: t.split(","), default=["gather", "compiled"],
+                   help="kv-cache: decode kernels to time, from gather,compiled,triton")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="accelerate the default model and answer one prompt")
@@ -149,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.add_argument("--window", type=int, default=512)
     e.add_argument("--windows", type=int, default=8)
+    e.add_argument("--chunk", type=int, default=64,
+                   help="feed each window this many tokens at a time through the model's KV cache, so a "
+                        "quantized cache shows its cost (0: one forward per window)")
     e.set_defaults(func=cmd_eval)
     return parser
 

@@ -13,10 +13,13 @@ from .data import encode, held_out_text
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, tokenizer=None, *, text: str | None = None, window: int = 512,
-               max_windows: int = 8) -> dict[str, Any]:
+               max_windows: int = 8, chunk: int | None = None) -> dict[str, Any]:
     """Perplexity over non-overlapping `window`-token windows of `text` (default: the held-out docs slice).
 
     Fixed windows from the start of the text, so two models see exactly the same tokens.
+    chunk: feed each window `chunk` tokens at a time through the cache generate() would use (so the K/V
+    of earlier chunks are read back from it, as in decoding: this is how a KV-cache quantization shows
+    its cost); None: one forward per window.
     """
     if window < 2:
         raise ValueError(f"window = {window} is too small; allowed: >= 2 tokens")
@@ -31,7 +34,17 @@ def perplexity(model: nn.Module, tokenizer=None, *, text: str | None = None, win
     batch = torch.tensor(ids[: n * window], device=device).view(n, window)
     nll, count = 0.0, 0
     for row in batch:
-        logits = model(row[None]).logits[0, :-1].float()
+        if chunk:
+            from .cache.feature import new_cache
+
+            cache = new_cache(model)
+            parts = [model(row[None, i:i + chunk], past_key_values=cache, use_cache=True).logits[0]
+                     for i in range(0, window, chunk)]
+            if hasattr(cache, "release"):
+                cache.release()
+            logits = torch.cat(parts)[:-1].float()
+        else:
+            logits = model(row[None]).logits[0, :-1].float()
         nll += nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
         count += window - 1
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n, "window": window}

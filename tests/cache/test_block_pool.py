@@ -142,3 +142,34 @@ def test_random_workload_keeps_invariants_and_returns_every_block():
         pool.release(seq)
     pool.check()
     assert pool.num_free == 32 and sum(pool.ref_count) == 0
+
+
+def test_allocate_after_keeps_a_growing_sequence_consecutive():
+    pool = BlockPool(8, block_size=4)
+    assert pool.allocate(3) == [0, 1, 2]
+    cache_prompt(pool, list(range(12)), [0, 1, 2])
+    pool.release([0, 1, 2])                   # all cached: tail of the queue
+    assert pool.free_order()[:2] == [3, 4]
+    hit, _ = pool.match_prefix(list(range(12)))          # the last block is never matched: [0, 1]
+    assert hit == [0, 1]
+    assert pool.allocate(1, after=1) == [3]              # block 2 is free but cached: never evicted out of turn
+    assert pool.is_cached(2) and pool.stats.evictions == 0
+    assert pool.allocate(2, after=3) == [4, 5]           # free and uncached: the sequence stays consecutive
+    assert pool.allocate(1, after=7) == [6]              # no room after block 7: from the head as usual
+    assert pool.allocate(1, after=0) == [7]              # block 1 is taken: from the head as usual
+    pool.check()
+
+
+def test_allocate_run_finds_the_lowest_consecutive_free_run():
+    pool = BlockPool(10, block_size=4)
+    pool.allocate(10)
+    pool.release([1])
+    pool.release([3, 4, 5])
+    pool.release([7, 8])
+    assert pool.allocate_run(3) == [3, 4, 5]
+    assert pool.allocate_run(3) is None
+    assert pool.allocate_run(2) == [7, 8]
+    cache_prompt(pool, [5, 6, 7, 8], [2])                # a cached free block breaks a run
+    pool.release([2])
+    assert pool.allocate_run(2) is None and pool.allocate_run(1) == [1]
+    pool.check()
