@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -96,6 +97,26 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import runpy
+
+    from .integrations.wrapper import patch_transformers, unpatch_transformers
+
+    if not os.path.isfile(args.script):
+        raise FileNotFoundError(f"script {args.script!r} does not exist")
+    patch_transformers(args.preset or args.config or "cpu-fast")    # a bad preset fails here, before the script
+    saved = sys.argv
+    sys.argv = [args.script, *args.args]
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+        unpatch_transformers()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -167,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", type=lambda t: t.split(","), default=["gather", "compiled"],
                    help="kv-cache: decode kernels to time, from gather,compiled,triton")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("run", help="run an unmodified Python script; every causal LM it loads through "
+                                   "AutoModelForCausalLM.from_pretrained is accelerated")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="preset name (default: cpu-fast)")
+    g.add_argument("--config", help="path to a YAML config file")
+    p.add_argument("script", help="the script to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="accelerate the default model and answer one prompt")
     _add_model_args(p)
