@@ -181,33 +181,34 @@ class KVCacheConfig(_Section):
     type: str = _opt("paged", choices=("dynamic", "paged", "static"),
                      doc="dynamic keeps Transformers' default cache")
     dtype: str = _opt("model", choices=("model", "int8"), doc="int8 is lossy")
-    block_size: int = _opt(16, choices=(8, 16, 32, 64, 128, 256))
+    block_size: int = _opt(16, choices=(8, 16, 32, 64, 128, 256), doc="tokens per block")
     max_cache_tokens: int | None = _opt(None, min=16, doc="pool size in tokens; null: memory_fraction")
     memory_fraction: float = _opt(0.3, min=0.001, max=0.95, doc="share of free memory for the pool")
-    prefix_reuse: bool = _opt(True)
+    prefix_reuse: bool = _opt(True, doc="reuse cached full prompt blocks across generate() calls")
 
 
 @dataclass(frozen=True)
 class FusionConfig(_Section):
     section: ClassVar[str] = "fusion"
-    qkv: bool = _opt(True)
-    gate_up: bool = _opt(True)
-    rms_norm: bool = _opt(True)
-    rope: bool = _opt(True)
+    qkv: bool = _opt(True, doc="one GEMM for q, k, v")
+    gate_up: bool = _opt(True, doc="one GEMM for gate and up projections")
+    rms_norm: bool = _opt(True, doc="fused RMSNorm with the residual add")
+    rope: bool = _opt(True, doc="fused rotary embedding")
 
 
 @dataclass(frozen=True)
 class QuantizationConfig(_Section):
     section: ClassVar[str] = "quantization"
-    method: str = _opt("none", choices=("none", "rtn", "gptq", "awq", "bnb-int8", "bnb-nf4"))
-    bits: int = _opt(4, choices=(4, 8))
+    method: str = _opt("none", choices=("none", "rtn", "gptq", "awq", "bnb-int8", "bnb-nf4"),
+                     doc="weight quantization algorithm; any but none is lossy")
+    bits: int = _opt(4, choices=(4, 8), doc="weight bits")
     group_size: int = _opt(64, choices=(-1, 32, 64, 128), doc="-1: one group per output channel")
-    sym: bool = _opt(True)
+    sym: bool = _opt(True, doc="symmetric (no zero point)")
     desc_act: bool = _opt(False, doc="GPTQ act-order")
-    damp_percent: float = _opt(0.01, min=0.0, max=1.0)
-    calibration_samples: int = _opt(128, min=1, max=100_000)
-    calibration_seq_len: int = _opt(512, min=8, max=1_000_000)
-    modules_to_not_convert: list[str] = _opt([])
+    damp_percent: float = _opt(0.01, min=0.0, max=1.0, doc="GPTQ Hessian dampening")
+    calibration_samples: int = _opt(128, min=1, max=100_000, doc="calibration sequences")
+    calibration_seq_len: int = _opt(512, min=8, max=1_000_000, doc="tokens per calibration sequence")
+    modules_to_not_convert: list[str] = _opt([], doc="module name patterns left in float")
     quantize_lm_head: bool = _opt(False, doc="quantize the head (an untied copy when embeddings are tied)")
 
     def _check(self) -> None:
@@ -222,10 +223,10 @@ SPECULATIVE_DRAFTS = ("prompt-lookup", "self-int8", "self-int4", "layer-skip:N",
 @dataclass(frozen=True)
 class SpeculativeConfig(_Section):
     section: ClassVar[str] = "speculative"
-    draft: str | None = _opt(None, doc="prompt-lookup | self-int8 | self-int4 | layer-skip:N | a model path")
-    num_draft_tokens: int = _opt(5, min=1, max=64)
-    adaptive: bool = _opt(True)
-    confidence_threshold: float | None = _opt(None, min=0.0, max=1.0)
+    draft: str | None = _opt(None, doc="prompt-lookup, self-int8, self-int4, layer-skip:N or a model path")
+    num_draft_tokens: int = _opt(5, min=1, max=64, doc="tokens drafted per step")
+    adaptive: bool = _opt(True, doc="adapt the draft length to the acceptance rate")
+    confidence_threshold: float | None = _opt(None, min=0.0, max=1.0, doc="stop drafting below this draft probability")
 
     def _check(self) -> None:
         d = self.draft
@@ -245,8 +246,8 @@ class SpeculativeConfig(_Section):
 @dataclass(frozen=True)
 class CompileConfig(_Section):
     section: ClassVar[str] = "compile"
-    enabled: bool = _opt(False)
-    mode: str = _opt("default", choices=("default", "reduce-overhead", "max-autotune"))
+    enabled: bool = _opt(False, doc="compiled decode step")
+    mode: str = _opt("default", choices=("default", "reduce-overhead", "max-autotune"), doc="torch.compile mode")
 
 
 @dataclass(frozen=True)
@@ -255,8 +256,8 @@ class AccelConfig(_Section):
 
     section: ClassVar[str] = ""
     version: int = _opt(CONFIG_VERSION, choices=(CONFIG_VERSION,))
-    name: str = _opt("default")
-    description: str = _opt("")
+    name: str = _opt("default", doc="shown in reports")
+    description: str = _opt("", doc="one line for `hfaccel presets`")
     dtype: str = _opt("keep", choices=("keep", "auto", "float32", "bfloat16", "float16"), aliases=DTYPE_ALIASES,
                       doc="keep: leave weights as loaded; auto: bf16 on GPU or AVX-512-BF16 CPUs, else fp32")
     keep_original: bool = _opt(False, doc="keep a copy of the weights so lossy rewrites can be reverted")
@@ -372,3 +373,35 @@ def resolve_config(config: Any = None, **overrides: Any) -> AccelConfig:
         merged = _merge(cfg.to_dict(), overrides)
         cfg = AccelConfig.from_dict(merged)
     return cfg
+
+
+def reference_markdown() -> str:
+    """Every config key with its default, allowed values and meaning, as a Markdown table (the README's
+    reference; tests keep the two equal)."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+
+    def describe(meta: Mapping[str, Any]) -> str:
+        parts = []
+        if meta.get("choices"):
+            parts.append(" \\| ".join(str(c) for c in meta["choices"]))
+        if meta.get("min") is not None:
+            parts.append(f">= {meta['min']}")
+        if meta.get("max") is not None:
+            parts.append(f"<= {meta['max']}")
+        return ", ".join(parts) or "-"
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in ("version", "section"):
+                continue
+            if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+                walk(f.default_factory, f"{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ("null" if default is None else '""' if default == "" else
+                     str(default).lower() if isinstance(default, bool) else default)
+            doc = f.metadata.get("doc", "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {describe(f.metadata)} | {doc} |")
+
+    walk(AccelConfig, "")
+    return "\n".join(rows)

@@ -22,3 +22,9 @@ def test_ci_runs_the_readme_test_command():
     test = _commands()[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci.splitlines()
+
+
+def test_readme_config_reference_is_current():
+    from hfaccel.config import reference_markdown
+
+    assert reference_markdown() in (ROOT / "README.md").read_text(), "regenerate the README config reference"

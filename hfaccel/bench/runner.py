@@ -25,6 +25,7 @@ import torch
 
 from .. import __version__, models
 from ..api import accelerate_model
+from ..cache.feature import clear_prefix_cache
 from ..config import resolve_config
 from ..data import encode, held_out_text
 from ..device import weight_bytes
@@ -106,6 +107,7 @@ class _System:
     def generate(self, prompts: torch.Tensor) -> tuple[torch.Tensor, float, float, float | None]:
         """(new tokens [B, T], end-to-end s, TTFT s, TPOT s)."""
         x = prompts.to(self.device)
+        clear_prefix_cache(self.model)   # every run prefills from scratch, as plain Transformers does
         timer = TokenTimer(self.device)
         start = time.perf_counter()
         out = self.model.generate(x, attention_mask=torch.ones_like(x), streamer=timer, **self.kw)

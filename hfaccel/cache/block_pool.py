@@ -175,6 +175,15 @@ class BlockPool:
         self.share(blocks)
         return blocks, hashes
 
+    def drop_cached(self) -> int:
+        """Forget every cached prefix that no sequence holds (those blocks become plain free blocks).
+        Returns how many were dropped. Blocks in use keep their entries until released."""
+        dropped = [b for b in self._hash_of if self.ref_count[b] == 0]
+        for b in dropped:
+            del self._block_of[self._hash_of.pop(b)]
+            self._free.move_to_end(b, last=False)
+        return len(dropped)
+
     def _evict(self, block: int) -> None:
         h = self._hash_of.pop(block, None)
         if h is not None:

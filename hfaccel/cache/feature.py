@@ -183,6 +183,13 @@ def new_cache(model, input_ids: torch.Tensor | None = None, attention_mask: torc
     return PagedCache.for_prompt(pool, input_ids, attention_mask, reuse=True, attention=mode)
 
 
+def clear_prefix_cache(model) -> int:
+    """Forget the prompt blocks cached on this model's pool (e.g. after its weights changed, or to time
+    a cold prefill). Returns how many blocks were dropped; 0 for a model without a paged pool."""
+    pool = model.__dict__.get("hfaccel_kv_pool")
+    return pool.blocks.drop_cached() if pool is not None else 0
+
+
 def _paged_problem(model: nn.Module) -> str | None:
     if model.config.is_encoder_decoder:
         return "encoder-decoder models keep Transformers' cache"
@@ -244,4 +251,4 @@ def plan_kv_cache(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     return Plan("kv_cache", apply, summary, notes)
 
 
-__all__ = ["CacheFullError", "make_generate", "new_cache", "plan_kv_cache"]
+__all__ = ["CacheFullError", "clear_prefix_cache", "make_generate", "new_cache", "plan_kv_cache"]

@@ -173,3 +173,16 @@ def test_allocate_run_finds_the_lowest_consecutive_free_run():
     pool.release([2])
     assert pool.allocate_run(2) is None and pool.allocate_run(1) == [1]
     pool.check()
+
+
+def test_drop_cached_forgets_free_prefixes_only():
+    pool = BlockPool(6, block_size=2)
+    a, b = pool.allocate(2), pool.allocate(2)
+    cache_prompt(pool, [1, 2, 3, 4], a)
+    cache_prompt(pool, [5, 6, 7, 8], b)
+    pool.release(a)
+    assert pool.drop_cached() == 2                       # a's blocks: free, forgotten, reused first
+    assert sorted(pool.free_order()[:2]) == [0, 1] and not pool.is_cached(0)
+    assert pool.is_cached(b[0]) and pool.match_prefix([5, 6, 7, 8, 9])[0] == b
+    assert pool.match_prefix([1, 2, 3, 4, 5])[0] == []
+    pool.check()
