@@ -21,13 +21,6 @@ def _pending(name: str, stage: str, asked: Callable[[object], str | None]) -> No
     register_feature(name, stage=stage)(planner)
 
 
-def _quant(cfg) -> str | None:
-    q = cfg.quantization
-    if q.method == "none":
-        return None
-    return f"quantization (method={q.method}, bits={q.bits}, group_size={q.group_size})"
-
-
 def _fusion(cfg) -> str | None:
     on = [k for k in ("qkv", "gate_up", "rms_norm", "rope") if getattr(cfg.fusion, k)]
     return f"fused kernels ({', '.join(on)})" if on else None
@@ -43,7 +36,6 @@ def _compile(cfg) -> str | None:
     return f"compiled decode step (torch.compile mode={c.mode})" if c.enabled else None
 
 
-_pending("quantize", "quantize", _quant)
 _pending("fuse", "fuse", _fusion)
 _pending("speculative", "speculative", _spec)
 _pending("compile", "compile", _compile)

@@ -72,6 +72,7 @@ def features() -> list[FeatureEntry]:
     """Registered features in application order (by stage, then registration order)."""
     from . import attention, dtype, pending  # noqa: F401  (importing registers them)
     from .cache import feature  # noqa: F401
+    from .quant import feature as _quant  # noqa: F401
 
     return sorted(_FEATURES.values(), key=lambda f: STAGES.index(f.stage))
 

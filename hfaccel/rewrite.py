@@ -80,14 +80,26 @@ class Rewriter:
 
         self.record(target, "-" if shown is _MISSING else _short(shown), label if label is not None else _short(value), undo, lossless=lossless)
 
-    def swap_module(self, path: str, new: nn.Module, *, lossless: bool = True) -> None:
-        """Replace the submodule at dotted `path` with `new`; the original is kept for revert."""
+    def swap_module(self, path: str, new: nn.Module, *, lossless: bool = True, keep_original: bool = True,
+                    label: str | None = None) -> None:
+        """Replace the submodule at dotted `path` with `new`. The original is kept for revert; a lossy swap
+        with keep_original=False keeps it only until commit() (so a failed transaction still restores it),
+        then drops it and becomes irreversible."""
         parent_path, _, name = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         old = parent.get_submodule(name)
         setattr(parent, name, new)
-        self.record(path, type(old).__name__, type(new).__name__, lambda: setattr(parent, name, old),
-                    lossless=lossless)
+        change = self.record(path, type(old).__name__, label or type(new).__name__,
+                             lambda: setattr(parent, name, old), lossless=lossless)
+        if lossless or keep_original:
+            return
+        index = len(self._log) - 1
+
+        def on_commit() -> None:
+            change.reversible = False
+            self._log[index] = (change, None)
+
+        self._on_commit.append(on_commit)
 
     def bind_forward(self, module: nn.Module, path: str, fn: Callable[..., Any], *, lossless: bool = True) -> None:
         """Rebind `module.forward` on this instance to `fn(module, ...)`.

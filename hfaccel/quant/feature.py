@@ -1,0 +1,103 @@
+"""The quantize feature: weight-only INT8 / INT4 layers in place of the model's nn.Linear modules.
+
+This version implements round-to-nearest (method: rtn): INT8 per output channel (bits 8) or INT4 in groups
+of 32/64/128 (bits 4). Calibrated methods (gptq, awq) and bitsandbytes are reported as not available yet.
+
+Which layers: every nn.Linear (and GPT-2 Conv1D) under the model except the output head (unless quantize_lm_head) and names
+matching modules_to_not_convert (a substring or fnmatch pattern). A tied head quantized with
+quantize_lm_head becomes its own quantized copy; the input embedding stays float; the report says so.
+Every replaced layer is recorded; the notes give the weight SQNR (min / mean over layers), the layers
+whose in_features were padded to a whole group, and which kernel each layer runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+
+from torch import nn
+
+from ..registry import UNAVAILABLE, Plan, register_feature
+from ..report import Skip
+from .layers import INT4_GROUPS, Int4Linear, Int8Linear, is_linear, linear_weight, sqnr_db
+
+
+def head_path(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def excluded(name: str, patterns: list[str]) -> bool:
+    return any(p in name or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def target_linears(model: nn.Module, q) -> tuple[list[str], str | None]:
+    """(dotted paths of the nn.Linear modules to quantize, the head's path)."""
+    head = head_path(model)
+    paths = []
+    for name, module in model.named_modules():
+        if not is_linear(module) or excluded(name, q.modules_to_not_convert):
+            continue
+        if name == head and not q.quantize_lm_head:
+            continue
+        paths.append(name)
+    return paths, head
+
+
+def _tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    return head is not None and emb is not None and head.weight is emb.weight
+
+
+@register_feature("quantize", stage="quantize")
+def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
+    q = cfg.quantization
+    if q.method == "none":
+        return None
+    if q.method in ("gptq", "awq", "bnb-int8", "bnb-nf4"):
+        return Skip("quantize", f"quantization (method={q.method}, bits={q.bits}, group_size={q.group_size})",
+                    UNAVAILABLE)
+    if q.bits == 4 and q.group_size not in INT4_GROUPS:
+        return Skip("quantize", f"int4 needs group_size {', '.join(map(str, INT4_GROUPS))}; "
+                                f"it is {q.group_size} (per-channel int4 is not supported by the packed kernels)")
+    paths, head = target_linears(model, q)
+    if not paths:
+        return Skip("quantize", "no nn.Linear layer to quantize (all excluded by modules_to_not_convert?)")
+    notes: list[str] = []
+    if head is not None:
+        if head in paths:
+            notes.append(f"head {head} quantized" + (" as its own copy; the tied input embedding stays float"
+                                                     if _tied(model) else ""))
+        else:
+            notes.append(f"head {head} kept in float (quantize_lm_head: false)")
+    what = f"int8 per channel" if q.bits == 8 else f"int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
+
+    def apply(rw) -> None:
+        sqnr, padded, kernels = [], [], Counter()
+        for path in paths:
+            linear = model.get_submodule(path)
+            if q.bits == 8:
+                new = Int8Linear.from_linear(linear)
+            else:
+                new = Int4Linear.from_linear(linear, q.group_size, q.sym)
+                if new.padded:
+                    padded.append(f"{path} ({new.in_features}->{new.in_features + new.padded})")
+            sqnr.append(sqnr_db(linear_weight(linear), new.dequantize()))
+            kernels[new.kernel] += 1
+            rw.swap_module(path, new, lossless=False, keep_original=cfg.keep_original,
+                           label=f"{type(new).__name__} ({new.kernel})")
+        notes.append(f"quantization rtn {what} is lossy: weight SQNR min {min(sqnr):.1f} dB, mean "
+                     f"{sum(sqnr) / len(sqnr):.1f} dB over {len(paths)} layers; measure the perplexity cost with "
+                     f"`hfaccel eval ppl`")
+        notes.append("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(kernels.items())))
+        if padded:
+            notes.append(f"{len(padded)} layers padded to whole groups of {q.group_size}: "
+                         + ", ".join(padded[:3]) + (" ..." if len(padded) > 3 else ""))
+
+    return Plan("quantize", apply, f"rtn {what} on {len(paths)} linear layers", notes)

@@ -1,0 +1,71 @@
+"""INT8 / INT4 layers against their own dequantized weights, on odd shapes, padding and fallback paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hfaccel.quant.layers import (Int4Linear, Int8Linear, int4_params, pad_columns, quantize_int4_groups,
+                                  quantize_with, sqnr_db)
+
+
+def linear(n: int, k: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    nn.init.normal_(lin.weight, std=0.05)
+    return lin
+
+
+def close_to_dequantized(layer, x: torch.Tensor, ref_weight: torch.Tensor, bias) -> None:
+    want = x @ ref_weight.T + (bias if bias is not None else 0)
+    got = layer(x)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    # activations go through bf16 around the packed kernels: ~3 significant digits
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("n, k, bias", [(576, 576, False), (48, 200, True), (7, 33, True)])
+def test_int8_linear(n, k, bias):
+    lin = linear(n, k, bias)
+    layer = Int8Linear.from_linear(lin)
+    assert layer.qweight.dtype == torch.int8 and layer.kernel == "int8pack"
+    assert sqnr_db(lin.weight, layer.dequantize()) > 38
+    x = torch.randn(2, 5, k)                                   # 3-D input
+    close_to_dequantized(layer, x, layer.dequantize(), lin.bias)
+
+
+@pytest.mark.parametrize("n, k, g, sym", [(64, 128, 32, True), (192, 576, 64, False), (32, 576, 128, True),
+                                          (48, 72, 32, True), (24, 64, 32, False)])
+def test_int4_linear_codes_padding_and_kernels(n, k, g, sym):
+    lin = linear(n, k)
+    layer = Int4Linear.from_linear(lin, g, sym)
+    assert layer.padded == (-k) % g
+    assert layer.kernel == ("int4pack_cpu" if n % 16 == 0 else "dequant")
+    w = pad_columns(lin.weight.detach(), g)
+    q, scale, zero = quantize_int4_groups(w, g, sym)
+    # codes as stored; the stored scales are bf16, codes were computed with the same fp32 ones
+    assert torch.equal(layer.codes(), q)
+    s = scale.to(torch.bfloat16).float().T.repeat_interleave(g, 1)
+    z = zero.to(torch.bfloat16).float().T.repeat_interleave(g, 1)
+    torch.testing.assert_close(layer.dequantize(), ((q.float() - 8) * s + z)[:, :k])
+    assert sqnr_db(lin.weight, layer.dequantize()) > 16
+    x = torch.randn(3, 4, k)
+    close_to_dequantized(layer, x, layer.dequantize(), lin.bias)
+
+
+def test_int4_sym_and_asym_grids():
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.25] * 8])                 # one row, one group of 32
+    scale, zero = int4_params(w, 32, sym=True)
+    assert zero.abs().max() == 0 and torch.allclose(scale, torch.tensor([[1 / 7.5]]))
+    q = quantize_with(w, scale, zero, 32)
+    deq = (q.float() - 8) * scale                                   # symmetric: zero point 8, no offset
+    assert (deq - w).abs().max() <= scale.max() / 2 + 1e-6
+    scale, zero = int4_params(w, 32, sym=False)                      # [lo, hi] = [-1, 0.25] over 15 steps
+    q = quantize_with(w, scale, zero, 32)
+    assert q[0, 0] == 0 and q[0, 3] == 15
+
+
+def test_group_size_is_validated():
+    with pytest.raises(ValueError, match=r"group_size = 48 is not allowed; allowed: 32, 64, 128"):
+        Int4Linear(torch.zeros(16, 96, dtype=torch.uint8), torch.ones(2, 16), torch.zeros(2, 16), 48)
