@@ -49,12 +49,16 @@ def plan_features(model: nn.Module, ctx: Context, cfg: AccelConfig) -> tuple[lis
     return plans, skips
 
 
-def accelerate_model(model: nn.Module, config: Any = None, **overrides: Any) -> AccelReport:
+def accelerate_model(model: nn.Module, config: Any = None, *, tokenizer: Any = None, calibration: Any = None,
+                     **overrides: Any) -> AccelReport:
     """Rewrite `model` in place for speed and return what was done.
 
     config: a preset name (`hfaccel presets`), a YAML path, a dict, an AccelConfig, or None for the
     lossless defaults. Keyword overrides use the config's own section names, e.g.
     `quantization={"method": "awq", "bits": 4}`. model.generate() keeps its signature.
+    tokenizer, calibration: for calibrated quantization (gptq): the tokenizer of the calibration text
+    (default: the one saved beside the model) and the text itself (a string, a list of strings or a
+    datasets.Dataset with a "text" column; default: the CPython docs' calibration slice).
     """
     cfg = resolve_config(config, **overrides)           # 1. resolve: ConfigError before any change
     _check_model(model)
@@ -68,6 +72,7 @@ def accelerate_model(model: nn.Module, config: Any = None, **overrides: Any) -> 
         return replace(state.report, noop=True, notes=[*state.report.notes, note])
 
     ctx = Context.detect(model)
+    ctx.tokenizer, ctx.calibration = tokenizer, calibration
     plans, skips = plan_features(model, ctx, cfg)        # 2. plan: complete before the model is touched
 
     before = weight_bytes(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,6 +65,8 @@ class Context:
     spec_problem: str | None           # why there is no usable spec
     native_bf16: bool                  # bf16 runs in hardware on this device
     target_dtype: torch.dtype = field(default=torch.float32)   # set by the dtype planner
+    tokenizer: Any = None              # accelerate_model(tokenizer=...), for calibration
+    calibration: Any = None            # accelerate_model(calibration=...): text, list of strings, Dataset
 
     @classmethod
     def detect(cls, model: nn.Module) -> "Context":

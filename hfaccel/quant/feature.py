@@ -60,9 +60,11 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     q = cfg.quantization
     if q.method == "none":
         return None
-    if q.method in ("gptq", "awq", "bnb-int8", "bnb-nf4"):
+    if q.method in ("awq", "bnb-int8", "bnb-nf4"):
         return Skip("quantize", f"quantization (method={q.method}, bits={q.bits}, group_size={q.group_size})",
                     UNAVAILABLE)
+    if q.method == "gptq" and ctx.spec is None:
+        return Skip("quantize", f"gptq walks the decoder layers named by a patches/ spec; {ctx.spec_problem}")
     if q.bits == 4 and q.group_size not in INT4_GROUPS:
         return Skip("quantize", f"int4 needs group_size {', '.join(map(str, INT4_GROUPS))}; "
                                 f"it is {q.group_size} (per-channel int4 is not supported by the packed kernels)")
@@ -77,6 +79,9 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         else:
             notes.append(f"head {head} kept in float (quantize_lm_head: false)")
     what = f"int8 per channel" if q.bits == 8 else f"int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
+
+    if q.method == "gptq":
+        return _plan_gptq(model, ctx, cfg, paths, head, notes)
 
     def apply(rw) -> None:
         sqnr, padded, kernels = [], [], Counter()
@@ -101,3 +106,34 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                          + ", ".join(padded[:3]) + (" ..." if len(padded) > 3 else ""))
 
     return Plan("quantize", apply, f"rtn {what} on {len(paths)} linear layers", notes)
+
+
+def _plan_gptq(model: nn.Module, ctx, cfg, paths: list[str], head: str | None, notes: list[str]) -> Plan:
+    from .calibrate import calibration_ids, sequential_gptq
+
+    q = cfg.quantization
+    layers_path = ctx.spec.layers
+    in_layers = [p for p in paths if p.startswith(layers_path + ".")]
+    rest = [p for p in paths if p not in in_layers]                 # the head (quantize_lm_head), if any
+    what = f"gptq int4 g{q.group_size} {'sym' if q.sym else 'asym'}{' act-order' if q.desc_act else ''}"
+
+    def apply(rw) -> None:
+        ids, source = calibration_ids(model, q.calibration_samples, q.calibration_seq_len, ctx.tokenizer,
+                                      ctx.calibration)
+        stats = sequential_gptq(model, rw, layers_path, q, ids, lambda name: name not in in_layers,
+                                cfg.keep_original)
+        sqnr = stats["sqnr"]
+        for path in rest:                                            # outside the decoder layers: round to nearest
+            linear = model.get_submodule(path)
+            new = Int4Linear.from_linear(linear, q.group_size, q.sym)
+            rw.swap_module(path, new, lossless=False, keep_original=cfg.keep_original,
+                           label=f"Int4Linear ({new.kernel}, rtn)")
+            notes.append(f"{path}: outside the decoder layers, quantized round-to-nearest")
+        notes.append(f"quantization {what} is lossy: {stats['layers']} layers, weight SQNR min {min(sqnr):.1f} dB, "
+                     f"mean {sum(sqnr) / len(sqnr):.1f} dB; calibration: {source}; measure the perplexity cost "
+                     f"with `hfaccel eval ppl`")
+        notes.append("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(stats["kernels"].items())))
+        if stats["padded"]:
+            notes.append(f"{stats['padded']} layers padded to whole groups of {q.group_size}")
+
+    return Plan("quantize", apply, f"{what} on {len(paths)} linear layers", notes)
