@@ -13,9 +13,10 @@ from .config import AccelConfig, list_presets, resolve_config  # noqa: E402
 from .errors import AccelError, ConfigError, HfaccelError, MissingDependencyError, RevertError  # noqa: E402
 from .report import AccelReport, Change, Skip  # noqa: E402
 from .integrations.wrapper import patch_transformers, unpatch_transformers  # noqa: E402
+from .quant.formats import load_quantized, save_quantized  # noqa: E402
 
 __all__ = [
     "AccelConfig", "AccelError", "AccelReport", "Change", "ConfigError", "HfaccelError", "MissingDependencyError",
-    "RevertError", "Skip", "__version__", "accelerate_model", "list_presets", "models", "patch_transformers", "resolve_config",
-    "revert_model", "unpatch_transformers",
+    "RevertError", "Skip", "__version__", "accelerate_model", "list_presets", "load_quantized", "models",
+    "patch_transformers", "resolve_config", "revert_model", "save_quantized", "unpatch_transformers",
 ]

@@ -195,15 +195,18 @@ def int4_params(w: torch.Tensor, group_size: int, sym: bool, clip: torch.Tensor 
     """(scale, zero) [K/g, N] of the affine form w ~= (q - 8) * scale + zero for one weight [N, K]."""
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
+    # scales are rounded to bf16 (what the kernels store) before anything is derived from them, so a
+    # checkpoint's fp16 scale and integer zero point rebuild exactly the same layer
     if sym:
         amax = g.abs().amax(dim=-1) * clip
-        scale = (amax / 7.5).clamp(min=1e-12)          # codes 0..15 around 8: -8..7 steps, +-7.5 * scale range
+        scale = (amax / 7.5).clamp(min=1e-12).to(torch.bfloat16).float()   # codes 0..15 around 8
         zero = torch.zeros_like(scale)
-    else:
-        lo = (g.amin(dim=-1) * clip).clamp(max=0)
+    else:                                                # integer zero point zc: w ~= (q - zc) * scale, as in
+        lo = (g.amin(dim=-1) * clip).clamp(max=0)        # the GPTQ/AWQ formats; zero = (8 - zc) * scale
         hi = (g.amax(dim=-1) * clip).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        zero = lo + 8 * scale                            # code 0 -> lo, code 15 -> hi
+        scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+        zc = torch.round(-lo / scale).clamp(0, 15)
+        zero = (8 - zc) * scale
     return scale.T.contiguous(), zero.T.contiguous()
 
 

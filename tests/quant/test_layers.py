@@ -57,7 +57,7 @@ def test_int4_linear_codes_padding_and_kernels(n, k, g, sym):
 def test_int4_sym_and_asym_grids():
     w = torch.tensor([[-1.0, -0.5, 0.0, 0.25] * 8])                 # one row, one group of 32
     scale, zero = int4_params(w, 32, sym=True)
-    assert zero.abs().max() == 0 and torch.allclose(scale, torch.tensor([[1 / 7.5]]))
+    assert zero.abs().max() == 0 and torch.allclose(scale, torch.tensor([[1 / 7.5]]), rtol=4e-3)   # bf16
     q = quantize_with(w, scale, zero, 32)
     deq = (q.float() - 8) * scale                                   # symmetric: zero point 8, no offset
     assert (deq - w).abs().max() <= scale.max() / 2 + 1e-6
