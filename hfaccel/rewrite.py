@@ -115,6 +115,24 @@ class Rewriter:
                             f"the original has {list(old_sig.parameters)}")
         self.set_attr(module, "forward", bound, target=f"{path}.forward", lossless=lossless)
 
+    def set_tensor(self, param: torch.Tensor, value: torch.Tensor, *, target: str, lossless: bool = False,
+                   keep_original: bool = True) -> None:
+        """Replace a parameter's data (e.g. AWQ folding a scale into a norm weight). The old data is kept
+        for revert; without keep_original only until commit() for a lossy change."""
+        old = param.data
+        param.data = value
+        change = self.record(target, f"{str(old.dtype)[6:]} {list(old.shape)}", "rescaled",
+                             lambda: setattr(param, "data", old), lossless=lossless)
+        if lossless or keep_original:
+            return
+        index = len(self._log) - 1
+
+        def on_commit() -> None:
+            change.reversible = False
+            self._log[index] = (change, None)
+
+        self._on_commit.append(on_commit)
+
     def set_attn_implementation(self, impl: str) -> None:
         model = self.model
         old = model.config._attn_implementation

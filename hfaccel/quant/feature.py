@@ -60,11 +60,11 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     q = cfg.quantization
     if q.method == "none":
         return None
-    if q.method in ("awq", "bnb-int8", "bnb-nf4"):
+    if q.method in ("bnb-int8", "bnb-nf4"):
         return Skip("quantize", f"quantization (method={q.method}, bits={q.bits}, group_size={q.group_size})",
                     UNAVAILABLE)
-    if q.method == "gptq" and ctx.spec is None:
-        return Skip("quantize", f"gptq walks the decoder layers named by a patches/ spec; {ctx.spec_problem}")
+    if q.method in ("gptq", "awq") and ctx.spec is None:
+        return Skip("quantize", f"{q.method} walks the decoder layers named by a patches/ spec; {ctx.spec_problem}")
     if q.bits == 4 and q.group_size not in INT4_GROUPS:
         return Skip("quantize", f"int4 needs group_size {', '.join(map(str, INT4_GROUPS))}; "
                                 f"it is {q.group_size} (per-channel int4 is not supported by the packed kernels)")
@@ -80,8 +80,8 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
             notes.append(f"head {head} kept in float (quantize_lm_head: false)")
     what = f"int8 per channel" if q.bits == 8 else f"int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
 
-    if q.method == "gptq":
-        return _plan_gptq(model, ctx, cfg, paths, head, notes)
+    if q.method in ("gptq", "awq"):
+        return _plan_calibrated(model, ctx, cfg, paths, notes)
 
     def apply(rw) -> None:
         sqnr, padded, kernels = [], [], Counter()
@@ -108,20 +108,32 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     return Plan("quantize", apply, f"rtn {what} on {len(paths)} linear layers", notes)
 
 
-def _plan_gptq(model: nn.Module, ctx, cfg, paths: list[str], head: str | None, notes: list[str]) -> Plan:
+def _plan_calibrated(model: nn.Module, ctx, cfg, paths: list[str], notes: list[str]) -> Plan:
+    from .awq import sequential_awq
     from .calibrate import calibration_ids, sequential_gptq
 
     q = cfg.quantization
     layers_path = ctx.spec.layers
     in_layers = [p for p in paths if p.startswith(layers_path + ".")]
     rest = [p for p in paths if p not in in_layers]                 # the head (quantize_lm_head), if any
-    what = f"gptq int4 g{q.group_size} {'sym' if q.sym else 'asym'}{' act-order' if q.desc_act else ''}"
+    what = (f"{q.method} int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
+            f"{' act-order' if q.desc_act and q.method == 'gptq' else ''}")
 
     def apply(rw) -> None:
         ids, source = calibration_ids(model, q.calibration_samples, q.calibration_seq_len, ctx.tokenizer,
                                       ctx.calibration)
-        stats = sequential_gptq(model, rw, layers_path, q, ids, lambda name: name not in in_layers,
-                                cfg.keep_original)
+        if q.method == "gptq":
+            stats = sequential_gptq(model, rw, layers_path, q, ids, lambda name: name not in in_layers,
+                                    cfg.keep_original)
+        else:
+            excluded_ = [p for p in paths if p.startswith(layers_path + ".")]
+            if len(excluded_) != sum(1 for n, m in model.named_modules() if n.startswith(layers_path + ".")
+                                     and is_linear(m)):
+                raise ValueError("awq scales whole decoder layers: modules_to_not_convert inside the decoder "
+                                 "layers is not supported with method awq (use gptq or rtn)")
+            stats = sequential_awq(model, rw, ctx.spec, q, ids, cfg.keep_original)
+            notes.append(f"awq: mean alpha {stats['alpha_mean']:.2f}; {stats['unfoldable_pairs']} scale pairs not "
+                         f"foldable (grouped-query v -> o)")
         sqnr = stats["sqnr"]
         for path in rest:                                            # outside the decoder layers: round to nearest
             linear = model.get_submodule(path)
