@@ -15,9 +15,10 @@ from __future__ import annotations
 import fnmatch
 from collections import Counter
 
+import torch
 from torch import nn
 
-from ..registry import UNAVAILABLE, Plan, register_feature
+from ..registry import Plan, register_feature
 from ..report import Skip
 from .layers import INT4_GROUPS, Int4Linear, Int8Linear, is_linear, linear_weight, sqnr_db
 
@@ -61,8 +62,7 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     if q.method == "none":
         return None
     if q.method in ("bnb-int8", "bnb-nf4"):
-        return Skip("quantize", f"quantization (method={q.method}, bits={q.bits}, group_size={q.group_size})",
-                    UNAVAILABLE)
+        return _plan_bnb(model, ctx, cfg)
     if q.method in ("gptq", "awq") and ctx.spec is None:
         return Skip("quantize", f"{q.method} walks the decoder layers named by a patches/ spec; {ctx.spec_problem}")
     if q.bits == 4 and q.group_size not in INT4_GROUPS:
@@ -149,3 +149,32 @@ def _plan_calibrated(model: nn.Module, ctx, cfg, paths: list[str], notes: list[s
             notes.append(f"{stats['padded']} layers padded to whole groups of {q.group_size}")
 
     return Plan("quantize", apply, f"{what} on {len(paths)} linear layers", notes)
+
+
+def _plan_bnb(model: nn.Module, ctx, cfg) -> Plan | Skip:
+    from .bnb import bnb_available, bnb_layer, cpu_self_check
+
+    q = cfg.quantization
+    if not bnb_available():
+        return Skip("quantize", f"{q.method} needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    compute = ctx.target_dtype if ctx.target_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    if ctx.device.type == "cpu":
+        problem = cpu_self_check(q.method, compute)
+        if problem:
+            return Skip("quantize", problem)
+    elif ctx.device.type != "cuda":
+        return Skip("quantize", f"{q.method} runs on CUDA or CPU; the model is on {ctx.device}")
+    paths, head = target_linears(model, q)
+    notes = [f"head {head} kept in float (quantize_lm_head: false)"] if head and head not in paths else []
+    kind = "LLM.int8 (threshold 6.0)" if q.method == "bnb-int8" else "NF4"
+
+    def apply(rw) -> None:
+        for path in paths:
+            new = bnb_layer(model.get_submodule(path), q.method, compute, ctx.device)
+            rw.swap_module(path, new, lossless=False, keep_original=cfg.keep_original,
+                           label=f"{type(new).__name__} (bitsandbytes {kind})")
+        notes.append(f"quantization bitsandbytes {kind} is lossy; measure the perplexity cost with `hfaccel eval ppl`"
+                     + ("; on this CPU bitsandbytes is slower than hfaccel's own int8/int4 layers (method rtn)"
+                        if ctx.device.type == "cpu" else ""))
+
+    return Plan("quantize", apply, f"bitsandbytes {kind} on {len(paths)} linear layers", notes)
