@@ -127,6 +127,7 @@ def test_hfaccel_run_accelerates_an_unmodified_script():
     ("preset_file.py", "config my-preset"),
     ("prefix_reuse.py", "hit rate"),
     ("trainer_callback.py", "'hfaccel/greedy_exact_match': 1.0"),
+    ("quantize_and_save.py", "reloaded model generates the same tokens: True"),
 ])
 def test_examples_run_in_smoke_mode(example, expect, tmp_path):
     run = _run([sys.executable, f"examples/{example}"])
