@@ -61,6 +61,17 @@ class Rewriter:
                 undo()
         return stuck[::-1]
 
+    def _irreversible_after_commit(self, change: Change) -> None:
+        """The last recorded change keeps its undo only until commit(): a failed transaction still restores
+        it, a committed one drops the original (memory) and becomes irreversible."""
+        index = len(self._log) - 1
+
+        def on_commit() -> None:
+            change.reversible = False
+            self._log[index] = (change, None)
+
+        self._on_commit.append(on_commit)
+
     # --- mutations -----------------------------------------------------------------------------
     def set_attr(self, obj: Any, name: str, value: Any, *, target: str, lossless: bool = True,
                  label: str | None = None) -> None:
@@ -91,15 +102,8 @@ class Rewriter:
         setattr(parent, name, new)
         change = self.record(path, type(old).__name__, label or type(new).__name__,
                              lambda: setattr(parent, name, old), lossless=lossless)
-        if lossless or keep_original:
-            return
-        index = len(self._log) - 1
-
-        def on_commit() -> None:
-            change.reversible = False
-            self._log[index] = (change, None)
-
-        self._on_commit.append(on_commit)
+        if not (lossless or keep_original):
+            self._irreversible_after_commit(change)
 
     def bind_forward(self, module: nn.Module, path: str, fn: Callable[..., Any], *, lossless: bool = True) -> None:
         """Rebind `module.forward` on this instance to `fn(module, ...)`.
@@ -123,15 +127,8 @@ class Rewriter:
         param.data = value
         change = self.record(target, f"{str(old.dtype)[6:]} {list(old.shape)}", "rescaled",
                              lambda: setattr(param, "data", old), lossless=lossless)
-        if lossless or keep_original:
-            return
-        index = len(self._log) - 1
-
-        def on_commit() -> None:
-            change.reversible = False
-            self._log[index] = (change, None)
-
-        self._on_commit.append(on_commit)
+        if not (lossless or keep_original):
+            self._irreversible_after_commit(change)
 
     def set_attn_implementation(self, impl: str) -> None:
         model = self.model

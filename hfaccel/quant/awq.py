@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import _out, first_layer_inputs
-from .layers import Int4Linear, int4_params, linear_weight, pad_columns, quantize_with, sqnr_db
+from .calibrate import InstallStats, _out, first_layer_inputs, run_with_input_hooks
+from .layers import int4_params, linear_weight, pad_columns, quantize_with
 
 ALPHAS = [i / 20 for i in range(20)]
 CLIP_RATIOS = [1.0 - 0.05 * i for i in range(11)]
@@ -126,26 +126,15 @@ def sequential_awq(model: nn.Module, rw, spec, q, ids: torch.Tensor, keep_origin
     layers = model.get_submodule(spec.layers)
     hidden, kw = first_layer_inputs(model, layers, ids)
     no_clip = {spec.attention.q, spec.attention.k} - {None}
-    done, padded, kernels, sqnr, alphas, skipped_pairs = 0, 0, {}, [], [], 0
+    stats = InstallStats()
+    alphas, skipped_pairs = [], 0
     for li in tqdm(range(len(layers)), desc="awq", unit="layer", disable=not progress, leave=False):
         layer = layers[li]
         base = f"{spec.layers}.{li}"
         groups = _groups(spec)
         linears = [n for _, _, names in groups for n in names]
         inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-
-        def grab(name):
-            def hook(module, args, output):
-                inputs[name].append(args[0].reshape(-1, args[0].shape[-1]).float())
-            return hook
-
-        handles = [layer.get_submodule(n).register_forward_hook(grab(n)) for n in linears]
-        try:
-            for h in hidden:
-                layer(h, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_with_input_hooks(layer, linears, hidden, kw, lambda name, x: inputs[name].append(x))
         g = torch.Generator().manual_seed(li)
         xs = {}
         for n, parts in inputs.items():
@@ -173,14 +162,7 @@ def sequential_awq(model: nn.Module, rw, spec, q, ids: torch.Tensor, keep_origin
             wp = pad_columns(w.float(), q.group_size)
             s, z = int4_params(wp, q.group_size, q.sym, clip)
             codes = quantize_with(wp, s, z, q.group_size)
-            new = Int4Linear(codes.to(w.device), s.to(w.device), z.to(w.device), q.group_size, module.bias,
-                             in_features=w.shape[1])
-            sqnr.append(sqnr_db(w, new.dequantize()))
-            padded += bool(new.padded)
-            kernels[new.kernel] = kernels.get(new.kernel, 0) + 1
-            rw.swap_module(f"{base}.{n}", new, lossless=False, keep_original=keep_original,
-                           label=f"Int4Linear ({new.kernel}, awq)")
-            done += 1
+            stats.install(rw, f"{base}.{n}", module, codes, s, z, q.group_size, "awq", keep_original)
         hidden = [_out(layer(h, **kw)) for h in hidden]
-    return {"layers": done, "padded": padded, "kernels": kernels, "sqnr": sqnr,
-            "alpha_mean": sum(alphas) / len(alphas) if alphas else 0.0, "unfoldable_pairs": skipped_pairs}
+    return {**stats.as_dict(), "alpha_mean": sum(alphas) / len(alphas) if alphas else 0.0,
+            "unfoldable_pairs": skipped_pairs}

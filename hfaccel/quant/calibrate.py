@@ -100,6 +100,45 @@ def _out(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def run_with_input_hooks(layer: nn.Module, names: list[str], hidden: list[torch.Tensor], kw: dict[str, Any],
+                         fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Run `layer` on every sample, calling fn(name, [tokens, in_features] float input) for each named linear."""
+    def hook(name):
+        def on_forward(module, args, output):
+            fn(name, args[0].reshape(-1, args[0].shape[-1]).float())
+        return on_forward
+
+    handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for h in hidden:
+            layer(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class InstallStats:
+    """Swaps quantized layers in and counts what the report says about them."""
+
+    def __init__(self):
+        self.layers, self.padded, self.kernels, self.sqnr = 0, 0, {}, []
+
+    def install(self, rw, path: str, module: nn.Module, codes, scales, zeros, group_size: int, method: str,
+                keep_original: bool) -> None:
+        w = linear_weight(module)
+        new = Int4Linear(codes.to(w.device), scales.to(w.device), zeros.to(w.device), group_size, module.bias,
+                         in_features=w.shape[1])
+        self.sqnr.append(sqnr_db(w, new.dequantize()))
+        self.padded += bool(new.padded)
+        self.kernels[new.kernel] = self.kernels.get(new.kernel, 0) + 1
+        rw.swap_module(path, new, lossless=False, keep_original=keep_original,
+                       label=f"Int4Linear ({new.kernel}, {method})")
+        self.layers += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "padded": self.padded, "kernels": self.kernels, "sqnr": self.sqnr}
+
+
 @torch.inference_mode()
 def sequential_gptq(model: nn.Module, rw, layers_path: str, q, ids: torch.Tensor, skip: Callable[[str], bool],
                     keep_original: bool, progress: bool = True) -> dict[str, Any]:
@@ -108,34 +147,23 @@ def sequential_gptq(model: nn.Module, rw, layers_path: str, q, ids: torch.Tensor
 
     layers = model.get_submodule(layers_path)
     hidden, kw = first_layer_inputs(model, layers, ids)
-    done, padded, kernels, sqnr = 0, 0, {}, []
+    stats = InstallStats()
     for li in tqdm(range(len(layers)), desc="gptq", unit="layer", disable=not progress, leave=False):
         layer = layers[li]
         names = [n for n, m in layer.named_modules() if is_linear(m) and not skip(f"{layers_path}.{li}.{n}")]
         hess: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
 
-        def hook(name):
-            def accumulate(module, args, output):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                n = x.shape[0]
-                h = hess.get(name)
-                if h is None:
-                    hess[name] = 2 / n * x.T @ x
-                    count[name] = n
-                else:                                   # running mean of 2 x x^T over all tokens seen
-                    total = count[name] + n
-                    hess[name] = h * (count[name] / total) + 2 / total * x.T @ x
-                    count[name] = total
-            return accumulate
+        def accumulate(name: str, x: torch.Tensor) -> None:     # running mean of 2 x x^T over all tokens
+            n = x.shape[0]
+            if name not in hess:
+                hess[name], count[name] = 2 / n * x.T @ x, n
+            else:
+                total = count[name] + n
+                hess[name] = hess[name] * (count[name] / total) + 2 / total * x.T @ x
+                count[name] = total
 
-        handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-        try:
-            for h in hidden:
-                layer(h, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_with_input_hooks(layer, names, hidden, kw, accumulate)
         for n in names:
             module = layer.get_submodule(n)
             w = linear_weight(module)
@@ -144,13 +172,7 @@ def sequential_gptq(model: nn.Module, rw, layers_path: str, q, ids: torch.Tensor
             hp = torch.zeros(wp.shape[1], wp.shape[1])
             hp[:k, :k] = hess[n].cpu()
             codes, scales, zeros = gptq_quantize(wp.cpu(), hp, q.group_size, q.sym, q.damp_percent, q.desc_act)
-            new = Int4Linear(codes.to(w.device), scales.to(w.device), zeros.to(w.device), q.group_size, module.bias,
-                             in_features=k)
-            sqnr.append(sqnr_db(w, new.dequantize()))
-            padded += bool(new.padded)
-            kernels[new.kernel] = kernels.get(new.kernel, 0) + 1
-            rw.swap_module(f"{layers_path}.{li}.{n}", new, lossless=False, keep_original=keep_original,
-                           label=f"Int4Linear ({new.kernel}, gptq)")
-            done += 1
+            stats.install(rw, f"{layers_path}.{li}.{n}", module, codes, scales, zeros, q.group_size, "gptq",
+                          keep_original)
         hidden = [_out(layer(h, **kw)) for h in hidden]
-    return {"layers": done, "padded": padded, "kernels": kernels, "sqnr": sqnr}
+    return stats.as_dict()

@@ -78,7 +78,7 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                                                      if _tied(model) else ""))
         else:
             notes.append(f"head {head} kept in float (quantize_lm_head: false)")
-    what = f"int8 per channel" if q.bits == 8 else f"int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
+    what = "int8 per channel" if q.bits == 8 else f"int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
 
     if q.method in ("gptq", "awq"):
         return _plan_calibrated(model, ctx, cfg, paths, notes)

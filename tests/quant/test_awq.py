@@ -3,7 +3,6 @@ architecture, and it beats round-to-nearest on the default model."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -12,10 +11,10 @@ import hfaccel
 from hfaccel import models
 from hfaccel.quant.awq import _fold_into_prev, _groups, _scale_inputs, fake_quant, search_clip, search_scale
 from hfaccel.quant.layers import linear_weight
-from hfaccel.quality import perplexity
 from hfaccel.registry import spec_for
 from hfaccel.rewrite import Rewriter
 
+from . import default_model_ppl
 from ..conftest import greedy, needs_default_model, prompts
 
 
@@ -89,12 +88,4 @@ def test_awq_with_keep_original_reverts_exactly():
 
 @needs_default_model
 def test_default_model_awq_beats_rtn_at_the_same_group_size(default_model):
-    plain, tok = default_model
-    ppl = {}
-    for method in ("rtn", "awq"):
-        model = copy.deepcopy(plain)
-        hfaccel.accelerate_model(model, quantization={"method": method, "bits": 4, "group_size": 64,
-                                                      "calibration_samples": 8, "calibration_seq_len": 128},
-                                 kv_cache={"type": "dynamic"})
-        ppl[method] = perplexity(model, tok, window=256, max_windows=2)["perplexity"]
-    assert ppl["awq"] < ppl["rtn"]
+    assert default_model_ppl(default_model, "awq") < default_model_ppl(default_model, "rtn")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ import hfaccel
 from hfaccel import models
 from hfaccel.quant.gptq import gptq_quantize
 from hfaccel.quant.layers import Int4Linear, quantize_int4_groups
-from hfaccel.quality import perplexity
 
+from . import default_model_ppl
 from ..conftest import greedy, needs_default_model, prompts
 
 
@@ -72,12 +71,4 @@ def test_calibration_input_is_checked():
 
 @needs_default_model
 def test_default_model_gptq_beats_rtn_at_the_same_group_size(default_model):
-    plain, tok = default_model
-    ppl = {}
-    for method in ("rtn", "gptq"):
-        model = copy.deepcopy(plain)
-        hfaccel.accelerate_model(model, quantization={"method": method, "bits": 4, "group_size": 64,
-                                                      "calibration_samples": 8, "calibration_seq_len": 128},
-                                 kv_cache={"type": "dynamic"})
-        ppl[method] = perplexity(model, tok, window=256, max_windows=2)["perplexity"]
-    assert ppl["gptq"] < ppl["rtn"]
+    assert default_model_ppl(default_model, "gptq") < default_model_ppl(default_model, "rtn")
