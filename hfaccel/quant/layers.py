@@ -38,11 +38,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.kernel = "dequant"
 
-    def dequantize(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    # subclasses define dequantize() -> [out, in] float weight and _matmul(x [T, in]) -> [T, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
