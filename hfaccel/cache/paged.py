@@ -181,6 +181,18 @@ class KVPool:
             v = v.to(self.dtype) * vs.to(self.dtype)[..., None]
         return k, v
 
+    def write_run(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store [H, S, D] keys/values at consecutive slots start .. start + S - 1."""
+        end = start + keys.shape[1]
+        if self.kv_dtype == "int8":
+            for src, store, scales in ((keys, self.keys, self.key_scales), (values, self.values, self.value_scales)):
+                q, sc = quantize_int8(src)
+                store[layer, :, start:end] = q
+                scales[layer, :, start:end] = sc
+        else:
+            self.keys[layer, :, start:end] = keys
+            self.values[layer, :, start:end] = values
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at `slots` ([B, T] indices) as [B, H, T, D] in the pool's compute dtype."""
         b, t = slots.shape
@@ -244,9 +256,14 @@ class PagedLayer(CacheLayerMixin):
         cache = self.cache
         b, h, s, d = key_states.shape
         start = self.length
-        slots = cache.writable_slots(b, start, start + s).reshape(-1)          # [B * S]
-        cache.pool.write(self.layer_idx, slots, key_states.transpose(0, 1).reshape(h, b * s, d),
-                         value_states.transpose(0, 1).reshape(h, b * s, d))
+        if cache._run is not None and start + s <= cache._prepared:
+            # one row in consecutive, prepared blocks (the batch-1 decode path after the step's first
+            # layer did the table work): plain slice copies, no index tensors
+            cache.pool.write_run(self.layer_idx, cache._run + start, key_states[0], value_states[0])
+        else:
+            slots = cache.writable_slots(b, start, start + s).reshape(-1)          # [B * S]
+            cache.pool.write(self.layer_idx, slots, key_states.transpose(0, 1).reshape(h, b * s, d),
+                             value_states.transpose(0, 1).reshape(h, b * s, d))
         self.length = start + s
         if self.layer_idx == cache.last_layer:
             cache.register_prompt_blocks(self.length)
@@ -462,10 +479,11 @@ class PagedCache(Cache):
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, H, length, D] K and V of every row: a view of the pool when one row sits in consecutive
         blocks (the common batch-1 case: blocks are handed out in order), else a gather."""
-        slots = self.slots(length)
-        if self._run is not None:
-            return self.pool.read_run(layer, self._run, length)
-        return self.pool.read(layer, slots)
+        if self._run is None or self._slot_cache is None or length > self._slot_cache[0]:
+            slots = self.slots(length)                     # (re)builds the slot map and the run
+            if self._run is None:
+                return self.pool.read(layer, slots)
+        return self.pool.read_run(layer, self._run, length)
 
     def register_prompt_blocks(self, length: int) -> None:
         """Add every prompt block that is full and written in all layers to the pool's prefix index."""
