@@ -7,11 +7,11 @@ gives the weight SQNR it cost, and revert needs keep_original.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
+from .quality import sqnr_db
 from .registry import Plan, register_feature
 from .report import Skip
 
@@ -28,14 +28,8 @@ def resolve_dtype(name: str, ctx) -> tuple[torch.dtype, str]:
 
 def weight_sqnr_db(model: nn.Module, dtype: torch.dtype) -> tuple[float, float]:
     """(min, mean) over weight matrices of the SQNR in dB of casting them to `dtype`."""
-    values = []
-    for p in model.parameters():
-        if p.dim() < 2 or not p.is_floating_point() or p.dtype == dtype:
-            continue
-        w = p.detach().float()
-        err = (w - w.to(dtype).float()).pow(2).sum().item()
-        sig = w.pow(2).sum().item()
-        values.append(float("inf") if err == 0 else 10 * math.log10(sig / err))
+    values = [sqnr_db(p.detach(), p.detach().to(dtype)) for p in model.parameters()
+              if p.dim() >= 2 and p.is_floating_point() and p.dtype != dtype]
     if not values:
         return float("inf"), float("inf")
     return min(values), sum(values) / len(values)

@@ -50,6 +50,13 @@ def perplexity(model: nn.Module, tokenizer=None, *, text: str | None = None, win
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n, "window": window}
 
 
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `approx` against `reference`, in dB (inf when equal)."""
+    err = (reference.float() - approx.float()).pow(2).sum().item()
+    sig = reference.float().pow(2).sum().item()
+    return float("inf") if err == 0 else 10 * math.log10(sig / err)
+
+
 def token_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of positions where two [B, T] greedy outputs hold the same token."""
     if a.shape != b.shape:

@@ -63,12 +63,6 @@ def pool_tokens(model: nn.Module, kv, dtype: torch.dtype, device: torch.device) 
     return max(tokens, kv.block_size), why
 
 
-def kv_sqnr_db(x: torch.Tensor) -> float:
-    q, s = quantize_int8(x)
-    err = (x.float() - q.float() * s.float()[..., None]).pow(2).sum().item()
-    return float("inf") if err == 0 else 10 * math.log10(x.float().pow(2).sum().item() / err)
-
-
 @torch.inference_mode()
 def measured_kv_sqnr(model: nn.Module, tokens: int = 128) -> float:
     """SQNR (dB) of int8 per-token-per-head quantization over the K/V the model makes for held-out text."""

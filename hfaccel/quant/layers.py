@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quality import sqnr_db  # noqa: F401  (re-exported: the quantizers report it)
+
 INT4_GROUPS = (32, 64, 128)
 
 
@@ -217,9 +219,3 @@ def quantize_int4_groups(w: torch.Tensor, group_size: int, sym: bool = True):
     """Round-to-nearest 4-bit: (codes [N, K] uint8, scales [K/g, N], zeros [K/g, N])."""
     scale, zero = int4_params(w, group_size, sym)
     return quantize_with(w, scale, zero, group_size), scale, zero
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    err = (reference.float() - approx.float()).pow(2).sum().item()
-    sig = reference.float().pow(2).sum().item()
-    return float("inf") if err == 0 else 10 * torch.log10(torch.tensor(sig / err)).item()
