@@ -248,6 +248,7 @@ class CompileConfig(_Section):
     section: ClassVar[str] = "compile"
     enabled: bool = _opt(False, doc="compiled decode step")
     mode: str = _opt("default", choices=("default", "reduce-overhead", "max-autotune"), doc="torch.compile mode")
+    warmup: bool = _opt(True, doc="compile inside accelerate_model (the report gives the seconds), not at the first call")
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,5 @@ def _spec(cfg) -> str | None:
     return None if s.draft is None else f"speculative decoding (draft={s.draft}, {s.num_draft_tokens} tokens)"
 
 
-def _compile(cfg) -> str | None:
-    c = cfg.compile
-    return f"compiled decode step (torch.compile mode={c.mode})" if c.enabled else None
-
-
 _pending("fuse", "fuse", _fusion)
 _pending("speculative", "speculative", _spec)
-_pending("compile", "compile", _compile)

@@ -81,6 +81,8 @@ class Rewriter:
             raise TypeError(f"refusing to patch class {obj.__name__}: hfaccel patches instances only")
         old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
         shown = getattr(obj, name, _MISSING)
+        if isinstance(value, types.FunctionType) and label is not None:
+            value.__hfaccel_label__ = label          # how the next feature's report names what it wraps
         setattr(obj, name, value)
 
         def undo() -> None:
@@ -197,5 +199,7 @@ class Rewriter:
 def _short(value: Any) -> str:
     if isinstance(value, types.MethodType):
         return f"{value.__func__.__qualname__}()"
+    if isinstance(value, types.FunctionType) and hasattr(value, "__hfaccel_label__"):   # an earlier feature's
+        return value.__hfaccel_label__
     text = repr(value) if not isinstance(value, str) else value
     return text if len(text) <= 60 else text[:57] + "..."

@@ -40,15 +40,20 @@ def assert_same(a, b):
 def test_report_lists_changes_skips_and_unavailable_features():
     model = models.tiny("llama")
     model.set_attn_implementation("eager")
-    report = hfaccel.accelerate_model(model, "cpu-fast", kv_cache={"max_cache_tokens": 4096})
+    report = hfaccel.accelerate_model(model, "cpu-fast", kv_cache={"max_cache_tokens": 4096},
+                                      compile={"warmup": False})
     assert [(c.feature, c.target, c.before, c.after) for c in report.changes] == [
         ("kv_cache", "hfaccel_kv_pool", "-", "256 blocks x 16 tokens (2.0 MiB, float32; max_cache_tokens = 4096)"),
         ("kv_cache", "config._attn_implementation", "eager", "hfaccel_paged"),
         ("kv_cache", "hfaccel_stats", "-", "prefix hits, reuse, evictions"),
-        ("kv_cache", "generate", "GenerationMixin.generate()", "generate() on a PagedCache (paged attention)")]
+        ("kv_cache", "generate", "GenerationMixin.generate()", "generate() on a PagedCache (paged attention)"),
+        ("compile", "config._attn_implementation", "hfaccel_paged", "hfaccel_step+hfaccel_paged"),
+        ("compile", "hfaccel_compile_stats", "-", "compiled calls, fallbacks, compilations, warm-up"),
+        ("compile", "generate", "generate() on a PagedCache (paged attention)",
+         "greedy decode through a compiled step (torch.compile mode=default, compiled at first call)")]
     assert report.lossless and report.reversible and not report.noop
     unavailable = {s.feature for s in report.skipped if s.status == UNAVAILABLE}
-    assert unavailable == {"fuse", "compile"}
+    assert unavailable == {"fuse"}
     assert report.spec == "llama" and report.architecture == "llama"
     d = json.loads(report.to_json())
     assert d["changes"][1]["after"] == "hfaccel_paged" and d["lossless"] is True
@@ -60,11 +65,12 @@ def test_report_lists_changes_skips_and_unavailable_features():
 def test_every_requested_future_feature_is_reported_not_silently_dropped():
     model = models.tiny("llama")
     report = hfaccel.accelerate_model(model, "memory-saver", speculative={"draft": "prompt-lookup"},
-                                      compile={"enabled": True})
+                                      compile={"enabled": True}, kv_cache={"dtype": "model"})
     reasons = {s.feature: s.reason for s in report.skipped if s.status == UNAVAILABLE}
     assert "quantize" not in reasons and any(c.feature == "quantize" for c in report.changes)   # rtn int8 landed
     assert reasons["speculative"].startswith("speculative decoding (draft=prompt-lookup")
-    assert "compile" in reasons and "fuse" in reasons
+    assert "compile" not in reasons and "fuse" in reasons
+    assert any(c.feature == "compile" for c in report.changes)
 
 
 def test_second_call_is_a_noop_that_says_so():
@@ -185,7 +191,7 @@ def test_unknown_architecture_gets_generic_features_and_says_so():
     assert report.spec is None
     arch = next(s for s in report.skipped if s.feature == "architecture")
     assert arch.reason.startswith("generic features only: no patches/ spec for model_type 'gpt_neox'")
-    assert [c.feature for c in report.changes] == ["kv_cache"] * 4
+    assert [c.feature for c in report.changes] == ["kv_cache"] * 4 + ["compile"] * 3
     x = prompts(128)
     assert torch.equal(greedy(model, x), greedy(plain, x))
 

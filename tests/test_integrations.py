@@ -90,7 +90,7 @@ def test_patch_transformers_accelerates_every_load_and_unpatches_exactly(tmp_pat
         a = AutoModelForCausalLM.from_pretrained(tmp_path)
         b = AutoModelForCausalLM.from_pretrained(tmp_path)
         assert a.hfaccel_report.config_name == "cpu-fast" and b.hfaccel_report is not a.hfaccel_report
-        assert a.config._attn_implementation == "hfaccel_paged"
+        assert a.config._attn_implementation == "hfaccel_step+hfaccel_paged"
     finally:
         hfaccel.unpatch_transformers()
     assert AutoModelForCausalLM.__dict__.get("from_pretrained") is own
@@ -114,7 +114,7 @@ def test_hfaccel_run_accelerates_an_unmodified_script():
     wrapped = _run([sys.executable, "-m", "hfaccel.cli", "run", "--preset", "cpu-fast", "examples/plain_script.py",
                     model_dir, "6"])
     assert wrapped.returncode == 0, wrapped.stderr[-2000:]
-    assert "attention: sdpa" in plain.stdout and "attention: hfaccel_paged" in wrapped.stdout
+    assert "attention: sdpa" in plain.stdout and "attention: hfaccel_step+hfaccel_paged" in wrapped.stdout
     assert wrapped.stderr.count("config cpu-fast") == 1                       # the report, once per model
     assert plain.stdout.splitlines()[0] == wrapped.stdout.splitlines()[0]     # same greedy text
     missing = _run([sys.executable, "-m", "hfaccel.cli", "run", "nope.py"])

@@ -139,6 +139,11 @@ def _compiled_decode():
     return torch.compile(decode_reference, dynamic=True, fullgraph=True)
 
 
+def is_paged(attn_implementation: str | None) -> bool:
+    """True for "hfaccel_paged" and for a wrapper that hands its non-step calls to it (compile.py)."""
+    return attn_implementation is not None and attn_implementation.split("+")[-1] == NAME
+
+
 def register() -> None:
     """Make "hfaccel_paged" a valid attn_implementation (idempotent)."""
     AttentionInterface.register(NAME, paged_attention_forward)

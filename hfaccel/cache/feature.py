@@ -171,7 +171,7 @@ def new_cache(model, input_ids: torch.Tensor | None = None, attention_mask: torc
         from transformers import DynamicCache
 
         return DynamicCache(config=model.config)
-    mode = "paged" if model.config._attn_implementation == paged_attention.NAME else "gather"
+    mode = "paged" if paged_attention.is_paged(model.config._attn_implementation) else "gather"
     if input_ids is None:
         return PagedCache(pool, attention=mode)
     return PagedCache.for_prompt(pool, input_ids, attention_mask, reuse=True, attention=mode)

@@ -1,0 +1,196 @@
+"""Compiled decode step (hfaccel/compile.py): token-exact against Transformers' greedy loop on every
+architecture and cache type, no recompilation after warm-up, fallbacks for what the step cannot reproduce."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfaccel
+from hfaccel import models
+from hfaccel.compile import BUCKET, step_attention, why_not
+from tests.conftest import greedy, needs_default_model, prompts
+
+
+def left_padded(vocab: int, lengths=(9, 14), seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(lengths)
+    ids = prompts(vocab, batch=len(lengths), length=width, seed=seed)
+    mask = torch.ones_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, : width - n] = 0
+        mask[r, : width - n] = 0
+    return ids, mask
+
+
+def compiled(arch: str, kv: str = "paged", **cfg):
+    model = models.tiny(arch)
+    ref = models.tiny(arch)
+    report = hfaccel.accelerate_model(model, kv_cache={"type": kv, "max_cache_tokens": 4096},
+                                      compile={"enabled": True, **cfg})
+    return model, ref, report
+
+
+@pytest.mark.parametrize("arch", models.TINY_ARCHS)
+def test_greedy_equals_transformers_on_every_architecture(arch):
+    model, ref, report = compiled(arch)
+    assert any(c.feature == "compile" and c.target == "generate" for c in report.changes), report
+    stats = model.hfaccel_compile_stats
+    warm = stats.compilations
+    assert warm == 1 and stats.warmup_seconds > 0
+    vocab = ref.config.vocab_size
+    one = prompts(vocab, batch=1, length=11)
+    assert torch.equal(greedy(model, one, n=20), greedy(ref, one, n=20))
+    assert stats.compilations == warm                 # batch 1, first bucket: the warm-up's graph
+    other = prompts(vocab, batch=1, length=23, seed=5)
+    assert torch.equal(greedy(model, other, n=20), greedy(ref, other, n=20))
+    assert stats.compilations == warm                 # another prompt length: no recompilation
+    ids, mask = left_padded(vocab)
+    assert torch.equal(greedy(model, ids, mask, n=16), greedy(ref, ids, mask, n=16))
+    assert stats.compilations == warm + 1             # batch 2 compiles once
+    ids, mask = left_padded(vocab, lengths=(17, 6), seed=4)
+    assert torch.equal(greedy(model, ids, mask, n=16), greedy(ref, ids, mask, n=16))
+    assert stats.compilations == warm + 1
+    assert stats.compiled_calls == 4 and stats.fallback_calls == 0
+
+
+@pytest.mark.parametrize("kv", ["dynamic", "static"])
+def test_other_cache_types(kv):
+    model, ref, _ = compiled("qwen2", kv)
+    ids, mask = left_padded(ref.config.vocab_size)
+    assert torch.equal(greedy(model, ids, mask, n=14), greedy(ref, ids, mask, n=14))
+    assert model.hfaccel_compile_stats.compiled_calls == 1
+
+
+def test_eos_stops_rows_pads_them_and_trims_like_generate():
+    model, ref, _ = compiled("llama")
+    ids, mask = left_padded(ref.config.vocab_size)
+    free = ref.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    new = free[:, ids.shape[1]:]
+    # an EOS that row 0 emits early and row 1 later (or never): rows finish at different steps
+    eos = int(new[0, 3])
+    for kw in ({"eos_token_id": eos}, {"eos_token_id": [eos, int(new[1, 5])]},
+               {"eos_token_id": eos, "min_new_tokens": 6}):
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=2, **kw)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=2, **kw)
+        assert torch.equal(got, want), kw
+        if isinstance(kw["eos_token_id"], list):          # both rows finish: the output is trimmed
+            assert got.shape[1] < free.shape[1]
+    assert model.hfaccel_compile_stats.fallback_calls == 0
+
+
+def test_max_length_and_generation_config_budgets():
+    model, ref, _ = compiled("llama")
+    ids = prompts(ref.config.vocab_size, batch=1, length=8)
+    for kw in ({"max_length": 19}, {}):
+        assert torch.equal(model.generate(ids, do_sample=False, **kw), ref.generate(ids, do_sample=False, **kw))
+
+
+def test_calls_the_step_cannot_reproduce_fall_back_with_a_reason():
+    model, ref, _ = compiled("llama")
+    ids = prompts(ref.config.vocab_size, batch=1, length=8)
+    torch.manual_seed(7)
+    want = ref.generate(ids, do_sample=True, max_new_tokens=8)
+    torch.manual_seed(7)
+    got = model.generate(ids, do_sample=True, max_new_tokens=8)
+    assert torch.equal(got, want)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, repetition_penalty=1.3),
+                       ref.generate(ids, max_new_tokens=8, repetition_penalty=1.3))
+    model.generate(ids, max_new_tokens=1)
+    stats = model.hfaccel_compile_stats
+    assert stats.fallback_calls == 3 and stats.compiled_calls == 0
+    assert dict(stats.fallback_reasons) == {"do_sample=True": 1, "repetition_penalty=1.3": 1,
+                                            "fewer than 2 new tokens": 1}
+
+
+def test_why_not_names_the_setting():
+    model = models.tiny("llama")
+    ids = torch.ones(1, 4, dtype=torch.long) * 7
+    assert why_not(model, {"input_ids": ids}) is None
+    assert why_not(model, {"input_ids": ids, "num_beams": 2}) == "num_beams=2"
+    assert why_not(model, {"input_ids": ids, "streamer": object()}) == "argument 'streamer'"
+    assert why_not(model, {"input_ids": ids, "past_key_values": object()}).startswith("the call brings its own")
+    assert why_not(model, {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 1]])}) \
+        == "attention_mask is not left padding"
+    pad = model.generation_config.pad_token_id or 0
+    assert why_not(model, {"input_ids": torch.tensor([[pad, 5, 6]])}) == \
+        "pad token in the prompt without an attention_mask"
+
+
+def test_longer_output_uses_a_larger_bucket():
+    model, ref, _ = compiled("llama")
+    ids = prompts(ref.config.vocab_size, batch=1, length=BUCKET - 10)
+    assert torch.equal(greedy(model, ids, n=20), greedy(ref, ids, n=20))
+    assert model.hfaccel_compile_stats.compilations == 2          # the warm-up's bucket, then 2 x BUCKET
+
+
+def test_warmup_off_compiles_at_the_first_call_and_revert_restores_everything():
+    model, ref, report = compiled("llama", warmup=False)
+    assert any("compiled at first call" in c.after for c in report.changes)
+    stats = model.hfaccel_compile_stats
+    assert stats.compilations == 0
+    ids = prompts(ref.config.vocab_size, batch=1, length=8)
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
+    assert stats.compilations == 1 and stats.compile_seconds > 0
+    assert model.config._attn_implementation.startswith("hfaccel_step+")
+    hfaccel.revert_model(model)
+    assert "generate" not in model.__dict__ and "hfaccel_compile_stats" not in model.__dict__
+    assert model.config._attn_implementation == ref.config._attn_implementation
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
+
+
+def test_eager_inner_attention_and_int8_kv_skip():
+    model = models.tiny("mistral")
+    ref = models.tiny("mistral")
+    model.set_attn_implementation("eager")
+    ref.set_attn_implementation("eager")
+    hfaccel.accelerate_model(model, attention={"backend": "eager"}, kv_cache={"type": "dynamic"},
+                             compile={"enabled": True})
+    assert model.config._attn_implementation == "hfaccel_step+eager"
+    ids, mask = left_padded(ref.config.vocab_size)
+    assert torch.equal(greedy(model, ids, mask), greedy(ref, ids, mask))
+    other = models.tiny("llama")
+    report = hfaccel.accelerate_model(other, kv_cache={"type": "paged", "dtype": "int8", "max_cache_tokens": 4096},
+                                      compile={"enabled": True})
+    skip = {s.feature: s.reason for s in report.skipped}
+    assert "kv_cache.dtype int8" in skip["compile"]
+
+
+def test_step_attention_matches_sdpa_with_padding_gqa_and_window():
+    torch.manual_seed(0)
+    b, hq, hkv, d, t, col = 3, 6, 2, 16, 32, 20
+    keys = [torch.randn(b, hkv, t, d)]
+    values = [torch.randn(b, hkv, t, d)]
+    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :4] = False
+    valid &= torch.arange(t) <= col
+
+    class Layer:
+        layer_idx = 0
+
+    for window in (None, 7):
+        kb, vb = [x.clone() for x in keys], [x.clone() for x in values]
+        out, _ = step_attention(Layer(), q, k, v, (kb, vb, torch.tensor([col]), valid), sliding_window=window)
+        assert torch.equal(kb[0][:, :, col], k[:, :, 0]) and torch.equal(vb[0][:, :, col], v[:, :, 0])
+        allowed = valid if window is None else valid & (torch.arange(t) > col - window)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, kb[0].repeat_interleave(hq // hkv, 1), vb[0].repeat_interleave(hq // hkv, 1),
+            attn_mask=allowed[:, None, None, :])
+        torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_default_model_cpu_fast_is_token_exact(default_model):
+    import copy
+
+    model, tok = default_model
+    fast = copy.deepcopy(model)
+    report = hfaccel.accelerate_model(fast, "cpu-fast")
+    assert report.lossless
+    enc = tok(["The capital of France is", "def fibonacci(n):\n    "], return_tensors="pt", padding=True)
+    for ids, mask in ((enc.input_ids[:1], enc.attention_mask[:1]), (enc.input_ids, enc.attention_mask)):
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)
+        assert torch.equal(got, want)
+    assert fast.hfaccel_compile_stats.compiled_calls == 2
