@@ -105,7 +105,9 @@ def step_attention(module, query, key, value, decode, scaling=None, sliding_wind
     hkv = kb.shape[1]
     scale = scaling if scaling is not None else d ** -0.5
     q = query.reshape(b, hkv, hq // hkv, d)                               # GQA: query heads grouped by KV head
-    scores = torch.matmul(q, kb.transpose(2, 3)) * scale                  # [B, Hkv, G, T]
+    # broadcast-multiply + sum rather than matmul: Inductor fuses each into one loop over the buffer
+    # (measured on SmolLM2 int4, 2 CPU threads: 5.96 -> 5.22 ms per token against two bmm calls per layer)
+    scores = (q[:, :, :, None, :] * kb[:, :, None]).sum(-1) * scale        # [B, Hkv, G, T]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if sliding_window is not None:
@@ -113,7 +115,7 @@ def step_attention(module, query, key, value, decode, scaling=None, sliding_wind
         valid = valid & (cols > col - sliding_window)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, vb)                                         # [B, Hkv, G, D]
+    out = (probs[..., None] * vb[:, :, None]).sum(-2)                       # [B, Hkv, G, D]
     return out.reshape(b, 1, hq, d), None
 
 
@@ -346,11 +348,12 @@ class CompiledDecoder:
         finished = eos_mask[first[:, 0]]
         tok, positions = _fresh(first), _fresh(positions)
         col = torch.tensor([length], device=device)
+        allow_eos = (torch.tensor(False, device=device), torch.tensor(True, device=device))
         out = []
         for i in range(new_tokens):
             if eos and i % CHECK_EVERY == 0 and bool(finished.all()):
                 break
-            allow = torch.tensor(i + 1 >= min_new, device=device)
+            allow = allow_eos[i + 1 >= min_new]
             tok, finished = step(tok, positions, buf.keys, buf.values, col, buf.valid, finished, eos_mask, pad_t,
                                  allow)
             out.append(tok)
