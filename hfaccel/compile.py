@@ -255,6 +255,9 @@ class DecodeBuffers:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.valid = torch.ones(batch, columns, dtype=torch.bool, device=device)
+        if device.type == "cuda":          # CUDA graphs replay on these addresses, mutations included
+            for t in (*self.keys, *self.values, self.valid):
+                torch._dynamo.mark_static_address(t)
 
     @property
     def key(self) -> tuple:
