@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 
@@ -50,9 +51,8 @@ def llama_cpp_row(ids: torch.Tensor, new: int, runs: int, threads: int) -> tuple
     for _ in range(runs + 1):
         llm.reset()
         t = time.perf_counter()
-        n, t1 = 0, t
-        for _tok in llm.generate(toks, temp=0.0):
-            n += 1
+        t1 = t
+        for n, _tok in enumerate(llm.generate(toks, temp=0.0), start=1):
             if n == 1:
                 t1 = time.perf_counter()
             if n >= new:
@@ -128,7 +128,7 @@ def main() -> None:
     print("\n| system | TTFT ms | decode tok/s | vs plain fp32 | setup + warm-up s | greedy agreement |")
     print("|---|---|---|---|---|---|")
     for name, ttft, rate, setup, agree in rows:
-        shown = "-" if agree != agree else f"{agree:.0%}"
+        shown = "-" if math.isnan(agree) else f"{agree:.0%}"
         print(f"| {name} | {ttft * 1000:.0f} | {rate:.1f} | {rate / plain[2]:.2f}x | {setup:.1f} | {shown} |")
 
 

@@ -37,15 +37,14 @@ import inspect
 import itertools
 import sys
 import threading
-import types
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .cache.feature import _generation_setting as _setting
 from .cache.paged import PagedCache
 from .registry import Plan, register_feature
 from .report import Skip
@@ -127,7 +126,10 @@ def register_step_attention(inner: str) -> str:
     """Register "hfaccel_step+<inner>": the step's attention when the call carries `hfaccel_decode`, the inner
     implementation (and its mask function) otherwise. Idempotent; returns the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = step_attention_name(inner)
