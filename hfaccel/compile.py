@@ -68,7 +68,7 @@ _DEFAULTS = {
     "low_memory": None,
 }
 _LENGTH_KWARGS = {"max_new_tokens", "min_new_tokens", "max_length", "eos_token_id", "pad_token_id", "use_cache"}
-_PASS_KWARGS = {"input_ids", "inputs", "attention_mask", "generation_config"}
+_PASS_KWARGS = {"input_ids", "inputs", "attention_mask", "generation_config", "streamer"}
 
 
 @dataclass
@@ -340,7 +340,7 @@ class CompiledDecoder:
         return out
 
     def decode(self, buf: DecodeBuffers, first: torch.Tensor, length: int, positions: torch.Tensor,
-               new_tokens: int, min_new: int, eos: list[int], pad: int, step=None) -> torch.Tensor:
+               new_tokens: int, min_new: int, eos: list[int], pad: int, step=None, streamer=None) -> torch.Tensor:
         """Continue from the prompt's `length` columns in `buf`: first [B, 1] is the token chosen after the
         prompt, positions [B, 1] its position ids. Returns the [B, n] tokens that follow it (n <= new_tokens,
         trimmed where every row finished, as generate() stops)."""
@@ -356,12 +356,15 @@ class CompiledDecoder:
         allow_eos = (torch.tensor(False, device=device), torch.tensor(True, device=device))
         out = []
         for i in range(new_tokens):
-            if eos and i % CHECK_EVERY == 0 and bool(finished.all()):
+            # with a streamer every token goes to the host anyway, so the check is free at every step
+            if eos and (streamer is not None or i % CHECK_EVERY == 0) and bool(finished.all()):
                 break
             allow = allow_eos[i + 1 >= min_new]
             tok, finished = step(tok, positions, buf.keys, buf.values, col, buf.valid, finished, eos_mask, pad_t,
                                  allow)
             out.append(tok)
+            if streamer is not None:
+                streamer.put(tok[:, 0].cpu())
             col = col + 1
             positions = positions + 1
         if not out:
@@ -463,11 +466,14 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
         if not decoder.has_room_for(prompt.shape[0], columns_for(prompt.shape[1], new - 1)):
             return fallback(f"{MAX_GRAPHS} shapes (batch x bucket) compiled already", args, kwargs)
         call = {k: v for k, v in given.items() if k not in ("inputs", "max_length")}
+        streamer = call.pop("streamer", None)      # fed here, as generate() does: prompt, then each token
         call.update(input_ids=prompt, max_new_tokens=1, return_dict_in_generate=True,
                     min_new_tokens=min(min_new, 1) or None)
         eos, pad = _eos_and_pad(model, given)
         mask = given.get("attention_mask")
         with decoder.lock:
+            if streamer is not None:
+                streamer.put(prompt.cpu())
             out = original(**call)                       # prefill + first token: Transformers' own code
             cache = out.past_key_values
             try:
@@ -480,8 +486,12 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
                         cache.release()
                     cache = None
                     positions = _prefill_positions(mask, prompt.shape[0], prompt.shape[1], prompt.device)
+                    if streamer is not None:
+                        streamer.put(out.sequences[:, -1].cpu())
                     rest = decoder.decode(buf, out.sequences[:, -1:], prompt.shape[1], positions, new - 1,
-                                          min_new, eos, pad)
+                                          min_new, eos, pad, streamer=streamer)
+                    if streamer is not None:
+                        streamer.end()
                 stats.decode_seconds += time.perf_counter() - t
                 stats.decode_tokens += rest.numel()
                 stats.compiled_calls += 1

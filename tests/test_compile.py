@@ -78,6 +78,29 @@ def test_eos_stops_rows_pads_them_and_trims_like_generate():
     assert model.hfaccel_compile_stats.fallback_calls == 0
 
 
+def test_streamer_gets_the_prompt_then_each_token_then_end():
+    model, ref, _ = compiled("llama")
+    ids = prompts(ref.config.vocab_size, batch=1, length=8)
+    new = ref.generate(ids, max_new_tokens=30, do_sample=False)[0, 8:]
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.tolist())
+
+        def end(self):
+            self.calls.append("end")
+
+    for kw in ({}, {"eos_token_id": int(new[5])}):
+        want, got = Recorder(), Recorder()
+        a = ref.generate(ids, max_new_tokens=30, do_sample=False, streamer=want, **kw)
+        b = model.generate(ids, max_new_tokens=30, do_sample=False, streamer=got, **kw)
+        assert torch.equal(a, b) and got.calls == want.calls
+    assert model.hfaccel_compile_stats.compiled_calls == 2
+
+
 def test_max_length_and_generation_config_budgets():
     model, ref, _ = compiled("llama")
     ids = prompts(ref.config.vocab_size, batch=1, length=8)
@@ -107,7 +130,7 @@ def test_why_not_names_the_setting():
     ids = torch.ones(1, 4, dtype=torch.long) * 7
     assert why_not(model, {"input_ids": ids}) is None
     assert why_not(model, {"input_ids": ids, "num_beams": 2}) == "num_beams=2"
-    assert why_not(model, {"input_ids": ids, "streamer": object()}) == "argument 'streamer'"
+    assert why_not(model, {"input_ids": ids, "output_scores": True}) == "output_scores=True"
     assert why_not(model, {"input_ids": ids, "past_key_values": object()}).startswith("the call brings its own")
     assert why_not(model, {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 1]])}) \
         == "attention_mask is not left padding"
