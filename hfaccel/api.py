@@ -50,7 +50,7 @@ def plan_features(model: nn.Module, ctx: Context, cfg: AccelConfig) -> tuple[lis
 
 
 def accelerate_model(model: nn.Module, config: Any = None, *, tokenizer: Any = None, calibration: Any = None,
-                     **overrides: Any) -> AccelReport:
+                     draft_model: Any = None, **overrides: Any) -> AccelReport:
     """Rewrite `model` in place for speed and return what was done.
 
     config: a preset name (`hfaccel presets`), a YAML path, a dict, an AccelConfig, or None for the
@@ -59,6 +59,8 @@ def accelerate_model(model: nn.Module, config: Any = None, *, tokenizer: Any = N
     tokenizer, calibration: for calibrated quantization (gptq): the tokenizer of the calibration text
     (default: the one saved beside the model) and the text itself (a string, a list of strings or a
     datasets.Dataset with a "text" column; default: the CPython docs' calibration slice).
+    draft_model: an already-loaded causal LM sharing the model's tokenizer, used as the speculative draft
+    (instead of speculative.draft).
     """
     cfg = resolve_config(config, **overrides)           # 1. resolve: ConfigError before any change
     _check_model(model)
@@ -72,7 +74,7 @@ def accelerate_model(model: nn.Module, config: Any = None, *, tokenizer: Any = N
         return replace(state.report, noop=True, notes=[*state.report.notes, note])
 
     ctx = Context.detect(model)
-    ctx.tokenizer, ctx.calibration = tokenizer, calibration
+    ctx.tokenizer, ctx.calibration, ctx.draft_model = tokenizer, calibration, draft_model
     plans, skips = plan_features(model, ctx, cfg)        # 2. plan: complete before the model is touched
 
     before = weight_bytes(model)

@@ -531,6 +531,12 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     problem = _compile_problem(model, cfg)
     if problem:
         return Skip("compile", f"compiled decode: {problem}")
+    if cfg.speculative.draft is not None or getattr(ctx, "draft_model", None) is not None:
+        from .speculative.feature import speculative_problem
+
+        if speculative_problem(model, cfg) is None:
+            return Skip("compile", "compiled decode: speculative decoding drives generate() (its verify step "
+                                   "runs eager)")
 
     def apply(rw) -> None:
         inner = model.config._attn_implementation

@@ -67,6 +67,7 @@ class Context:
     target_dtype: torch.dtype = field(default=torch.float32)   # set by the dtype planner
     tokenizer: Any = None              # accelerate_model(tokenizer=...), for calibration
     calibration: Any = None            # accelerate_model(calibration=...): text, list of strings, Dataset
+    draft_model: Any = None            # accelerate_model(draft_model=...): a loaded draft for speculative decoding
 
     @classmethod
     def detect(cls, model: nn.Module) -> "Context":

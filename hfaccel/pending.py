@@ -26,10 +26,4 @@ def _fusion(cfg) -> str | None:
     return f"fused kernels ({', '.join(on)})" if on else None
 
 
-def _spec(cfg) -> str | None:
-    s = cfg.speculative
-    return None if s.draft is None else f"speculative decoding (draft={s.draft}, {s.num_draft_tokens} tokens)"
-
-
 _pending("fuse", "fuse", _fusion)
-_pending("speculative", "speculative", _spec)

@@ -73,6 +73,7 @@ def features() -> list[FeatureEntry]:
     from . import attention, compile, dtype, pending  # noqa: F401  (importing registers them)
     from .cache import feature  # noqa: F401
     from .quant import feature as _quant  # noqa: F401
+    from .speculative import feature as _spec  # noqa: F401
 
     return sorted(_FEATURES.values(), key=lambda f: STAGES.index(f.stage))
 

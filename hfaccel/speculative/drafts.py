@@ -1,0 +1,220 @@
+"""Draft sources: what proposes the tokens the target verifies.
+
+- PromptLookup: the continuation of the latest earlier occurrence of the row's last n-gram (n = 3, 2, 1) in
+  its prompt and output. No model, no cost to speak of; strong on input-grounded text (summaries, edits).
+- ModelDraft: a smaller causal LM with its own DynamicCache, decoding greedily (or sampling, for sampled
+  calls) k tokens per step. Built from a path or a loaded model, from the target's first N layers
+  (`layer_skip`), or from a quantized copy of the target (`quantized_copy`).
+
+A ModelDraft's cache mirrors the target's columns (holes included): after each verify step it is cropped to
+the columns the target kept, and the next proposal first feeds whatever columns it has not seen.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DraftState:
+    """The target's columns as the loop keeps them (one row per batch row)."""
+
+    tokens: torch.Tensor          # [B, C] token of every cached column
+    cols: torch.Tensor            # [B, C] bool: the column is real for this row (not padding, not a rejected draft)
+    positions: torch.Tensor       # [B, C] position id of each column
+    last: torch.Tensor            # [B] the newest token, emitted but not yet in the cache
+    history: list[list[int]]      # per row: real prompt tokens + every emitted token
+
+
+class Draft:
+    name = "draft"
+
+    def begin(self, state: DraftState) -> None:
+        pass
+
+    def propose(self, state: DraftState, k: int, done: torch.Tensor, sampling=None):
+        """(drafts [B, k] long, lengths [B] long, draft probabilities [B, k, V] or None when deterministic)."""
+        raise NotImplementedError
+
+    def commit(self, state: DraftState) -> None:
+        """The target has verified the last proposal; state now has its kept columns."""
+
+    def end(self) -> None:
+        pass
+
+
+class PromptLookup(Draft):
+    """n-gram lookup in each row's own tokens, with an incremental index (O(n) per new token)."""
+
+    name = "prompt-lookup"
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+
+    def begin(self, state: DraftState) -> None:
+        self.index: list[dict[tuple, int]] = [{} for _ in state.history]
+        self.seen = [0] * len(state.history)
+        for r in range(len(state.history)):
+            self._extend(r, state.history[r])
+
+    def _extend(self, r: int, h: list[int]) -> None:
+        # n-grams ending at e are indexed once token e + 1 exists, so a row's current suffix never matches itself
+        idx = self.index[r]
+        for e in range(max(0, self.seen[r] - 1), len(h) - 1):
+            for n in range(1, self.max_ngram + 1):
+                if e - n + 1 >= 0:
+                    idx[tuple(h[e - n + 1:e + 1])] = e
+        self.seen[r] = len(h)
+
+    def propose(self, state: DraftState, k: int, done: torch.Tensor, sampling=None):
+        b = len(state.history)
+        drafts = torch.zeros(b, k, dtype=torch.long)
+        lengths = torch.zeros(b, dtype=torch.long)
+        if k:
+            for r, h in enumerate(state.history):
+                if done[r]:
+                    continue
+                self._extend(r, h)
+                for n in range(min(self.max_ngram, len(h)), 0, -1):
+                    e = self.index[r].get(tuple(h[-n:]))
+                    if e is not None:
+                        cont = h[e + 1:e + 1 + k]
+                        drafts[r, :len(cont)] = torch.tensor(cont)
+                        lengths[r] = len(cont)
+                        break
+        dev = state.last.device
+        return drafts.to(dev), lengths.to(dev), None
+
+
+class ModelDraft(Draft):
+    """A causal LM proposing tokens from its own cache. `model` must share the target's vocabulary."""
+
+    def __init__(self, model: nn.Module, name: str, confidence_threshold: float | None = None):
+        self.model = model
+        self.name = name
+        self.threshold = confidence_threshold
+        self.cache = None
+
+    def begin(self, state: DraftState) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    def _forward(self, ids, mask, positions):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState, k: int, done: torch.Tensor, sampling=None):
+        b = state.tokens.shape[0]
+        dev = state.last.device
+        if k == 0:
+            return torch.zeros(b, 0, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev), None
+        seen = self.cache.get_seq_length()
+        ones = torch.ones(b, 1, dtype=torch.bool, device=dev)
+        nxt_pos = state.cols.sum(1, keepdim=True)
+        ids = torch.cat([state.tokens[:, seen:], state.last[:, None]], dim=1)       # columns not yet seen, then last
+        pos = torch.cat([state.positions[:, seen:], nxt_pos], dim=1)
+        mask = torch.cat([state.cols, ones], dim=1)
+        drafts, probs = [], []
+        alive = ~done
+        lengths = torch.zeros(b, dtype=torch.long, device=dev)
+        for j in range(k):
+            logits = self._forward(ids, mask, pos)
+            if sampling is None:
+                p = logits.softmax(-1) if self.threshold is not None else None
+                tok = logits.argmax(-1)
+            else:
+                p = sampling.probs(logits)
+                tok = torch.multinomial(p, 1)[:, 0]
+                probs.append(p)
+            if self.threshold is not None:
+                alive = alive & (p.gather(-1, tok[:, None])[:, 0] >= self.threshold)
+            lengths += alive.long()
+            drafts.append(tok)
+            if not bool(alive.any()) or j == k - 1:
+                break
+            ids, pos = tok[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, ones], dim=1)
+        d = torch.stack(drafts, dim=1)
+        q = torch.stack(probs, dim=1) if probs else None
+        return d, lengths, q
+
+    def commit(self, state: DraftState) -> None:
+        extra = self.cache.get_seq_length() - state.cols.shape[1]
+        if extra > 0:
+            self.cache.crop(-extra)       # the columns the target dropped; kept ones match the target's tokens
+
+    def end(self) -> None:
+        self.cache = None
+
+
+# ------------------------------------------------------------------------------------------ building drafts
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(the module holding the decoder layers, its attribute name, the ModuleList)."""
+    n = model.config.get_text_config().num_hidden_layers
+    base = getattr(model, model.base_model_prefix, None)
+    if isinstance(base, nn.Module):
+        for name, child in base.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n:
+                return base, name, child
+    raise ValueError(f"{type(model).__name__}: no ModuleList of its {n} decoder layers under "
+                     f"`{model.base_model_prefix}`, so a layer-skip draft cannot be cut from it")
+
+
+def layer_skip(model: nn.Module, n: int) -> nn.Module:
+    """A view of `model` that runs its first n decoder layers, its final norm and its head. Shares every
+    parameter (no memory beyond two module shells); the target is not modified."""
+    base, attr, layers = _layer_list(model)
+    total = len(layers)
+    if not 1 <= n < total:
+        raise ValueError(f"layer-skip:{n} is not allowed for a model of {total} layers; allowed: 1 to {total - 1}")
+    cfg = copy.deepcopy(model.config)
+    text = cfg.get_text_config()
+    text.num_hidden_layers = n
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types)[:n]
+    inner = copy.copy(base)
+    inner.__dict__["_modules"] = dict(base._modules)
+    inner._modules[attr] = nn.ModuleList(list(layers)[:n])
+    inner.__dict__["config"] = cfg
+    outer = copy.copy(model)
+    outer.__dict__["_modules"] = dict(model._modules)
+    outer._modules[model.base_model_prefix] = inner
+    outer.__dict__["config"] = cfg
+    for k in [k for k in outer.__dict__ if k.startswith("hfaccel") or k in ("generate", "_hfaccel_state")]:
+        del outer.__dict__[k]                        # the target's instance rewrites are not the draft's
+    return outer
+
+
+def quantized_copy(model: nn.Module, bits: int) -> nn.Module:
+    """A copy of `model` with RTN int8 (per channel) or int4 (group 64) weight layers and bf16 activations
+    where the device runs bf16 natively, built by hfaccel itself. Reads the target's tensors; the float
+    weights it quantizes are not duplicated (the copy starts as tensors shared with the target)."""
+    from ..api import accelerate_model
+
+    with torch.device("meta"):
+        draft = type(model)(copy.deepcopy(model.config))
+    draft.load_state_dict(model.state_dict(), assign=True, strict=False)
+    buffers = dict(model.named_buffers())
+    for name, buf in list(draft.named_buffers()):
+        if buf.is_meta:                               # non-persistent buffers (rotary inv_freq, ...)
+            mod_path, _, leaf = name.rpartition(".")
+            mod = draft.get_submodule(mod_path) if mod_path else draft
+            mod._buffers[leaf] = buffers[name]
+    if any(p.is_meta for p in draft.parameters()):
+        missing = [n for n, p in draft.named_parameters() if p.is_meta]
+        raise ValueError(f"self-int{bits} draft: parameters {missing[:3]} were not found in the target's state_dict")
+    draft.tie_weights()
+    draft.generation_config = copy.deepcopy(model.generation_config)
+    draft.eval()
+    quant = {"method": "rtn", "bits": bits, "group_size": -1 if bits == 8 else 64}
+    accelerate_model(draft, {"name": f"self-int{bits} draft", "dtype": "auto", "quantization": quant,
+                             "kv_cache": {"type": "dynamic"}})
+    return draft

@@ -1,0 +1,248 @@
+"""Batched draft-and-verify decoding over one target cache.
+
+The target's cache holds *columns*: every row gets the same columns, and a column a row did not accept is a
+hole that its attention mask hides (the way left padding is hidden). Each step:
+
+1. the draft proposes up to k tokens per row (rows may propose fewer: `lengths`);
+2. the target runs once over [last token, drafts] for every row (k + 1 columns, padded verification);
+3. greedy: a row accepts the longest prefix of its drafts that equals the target's own argmax, and emits
+   the target's token after it (so every step emits 1 to k + 1 tokens per row, exactly greedy's tokens);
+   sampling: each draft is accepted with probability min(1, p/q), the first rejection resamples from
+   norm(max(p - q, 0)) and a fully accepted row samples one more token from p (Leviathan et al. 2023), so
+   every emitted token follows the target's distribution;
+4. the columns no live row accepted are cropped (`Cache.crop`, the paged pool returns whole blocks); the
+   rest stay as holes in the rows that rejected them.
+
+Rows stop on their own EOS or token budget and then only carry padding; the loop ends when all have.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .drafts import Draft, DraftState
+
+
+@dataclass
+class SpecStats:
+    """What speculative decoding did: `model.hfaccel_spec_stats` (cumulative, and `last` for the latest call)."""
+
+    calls: int = 0
+    fallback_calls: int = 0
+    fallback_reasons: dict = field(default_factory=dict)
+    steps: int = 0                   # target verify forwards (the prefill is not counted)
+    drafted: int = 0                 # draft tokens proposed to the target, over live rows
+    accepted: int = 0                # of those, accepted
+    emitted: int = 0                 # tokens emitted by verify steps, over live rows
+    row_steps: int = 0               # (verify step, live row) pairs
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    last: dict = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """Mean tokens a row gains per verify forward (1.0 = no speed-up from drafting)."""
+        return self.emitted / self.row_steps if self.row_steps else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "last"}
+        d.update(acceptance_rate=self.acceptance_rate, tokens_per_target_forward=self.tokens_per_target_forward,
+                 last=dict(self.last))
+        return d
+
+
+@dataclass
+class Sampling:
+    """The target's sampling distribution: temperature, then top-k, then top-p (generate()'s order)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        x = logits.float() / self.temperature
+        if self.top_k is not None and 0 < self.top_k < x.shape[-1]:
+            kth = torch.topk(x, self.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            srt, idx = torch.sort(x, dim=-1, descending=False)
+            cum = srt.softmax(dim=-1).cumsum(dim=-1)
+            drop = cum <= 1 - self.top_p
+            drop[..., -1:] = False                       # keep at least the most likely token
+            x = x.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+        return x.softmax(dim=-1)
+
+
+def accept_greedy(target: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Accepted drafts per row: the longest prefix with drafts[:, j] == target[:, j] and j < lengths."""
+    k = drafts.shape[1]
+    ok = (drafts == target[:, :k]) & (torch.arange(k, device=drafts.device) < lengths[:, None])
+    return ok.long().cumprod(dim=1).sum(dim=1)
+
+
+def accept_sampled(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, lengths: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling. p: [B, k + 1, V] target probabilities; q: [B, k, V] draft probabilities (None: the
+    drafts are deterministic, q is one-hot). Returns (accepted per row [B], the token after them [B])."""
+    b, k = drafts.shape
+    dev = drafts.device
+    if k:
+        pd = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+        qd = torch.ones_like(pd) if q is None else q.gather(-1, drafts[..., None])[..., 0]
+        u = torch.rand(pd.shape, device=dev, generator=generator)
+        ok = (u * qd < pd) & (torch.arange(k, device=dev) < lengths[:, None])
+        n = ok.long().cumprod(dim=1).sum(dim=1)
+    else:
+        n = torch.zeros(b, dtype=torch.long, device=dev)
+    rows = torch.arange(b, device=dev)
+    final = p[rows, n].clone()                                     # [B, V]: p at the first rejected position
+    rejected = n < lengths
+    if bool(rejected.any()):
+        idx = n.clamp(max=k - 1)
+        if q is None:
+            qr = torch.zeros_like(final).scatter_(-1, drafts[rows, idx][:, None], 1.0)
+        else:
+            qr = q[rows, idx]
+        resid = (final - qr).clamp(min=0)
+        norm = resid.sum(-1, keepdim=True)
+        resid = torch.where(norm > 0, resid / norm.clamp(min=1e-30), final)
+        final = torch.where(rejected[:, None], resid, final)
+    nxt = torch.multinomial(final, 1, generator=generator)[:, 0]
+    return n, nxt
+
+
+class Verifier:
+    """One generate() call's speculative loop. `run` returns the new tokens, [B, generated], pad after a row
+    ends (the layout generate() returns)."""
+
+    def __init__(self, model, draft: Draft, cache, *, k: int, adaptive: bool, stats: SpecStats,
+                 sampling: Sampling | None = None, max_k: int | None = None):
+        self.model, self.draft, self.cache = model, draft, cache
+        self.k, self.adaptive, self.stats = k, adaptive, stats
+        self.max_k = max_k or k
+        self.sampling = sampling
+
+    def _forward(self, ids, mask, positions, keep: int | None = None):
+        t = time.perf_counter()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=keep or 0)
+        self.stats.target_seconds += time.perf_counter() - t
+        return out.logits
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.sampling is None:
+            return logits.argmax(-1)
+        probs = self.sampling.probs(logits)
+        return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, mask: torch.Tensor | None, new: int, min_new: int, eos: list[int],
+            pad: int, streamer=None) -> torch.Tensor:
+        model, stats = self.model, self.stats
+        b, p = ids.shape
+        dev = ids.device
+        cols = torch.ones(b, p, dtype=torch.bool, device=dev) if mask is None else mask.to(torch.bool)
+        eos_t = torch.tensor(eos or [-1], device=dev)
+        steps0, drafted0, accepted0, emitted0, rows0 = (stats.steps, stats.drafted, stats.accepted, stats.emitted,
+                                                      stats.row_steps)
+        d0, t0 = stats.draft_seconds, stats.target_seconds
+
+        def suppress_eos(logits, produced):             # min_new_tokens: no EOS before the minimum
+            if eos and min_new:
+                early = produced < min_new                   # [B, S]
+                if bool(early.any()):
+                    logits = logits.clone()
+                    logits[..., eos_t] = torch.where(early[..., None], float("-inf"), logits[..., eos_t])
+            return logits
+
+        # prefill (what the cache already holds of the prompt, e.g. reused prefix blocks, is skipped)
+        have = self.cache.get_seq_length()
+        positions = (cols.long().cumsum(1) - 1).clamp(min=0)
+        logits = self._forward(ids[:, have:], cols, positions[:, have:], keep=1)[:, -1]
+        produced = torch.zeros(b, dtype=torch.long, device=dev)
+        last = self._pick(suppress_eos(logits, produced[:, None]))
+        out = [[int(t)] for t in last]
+        produced += 1
+        done = torch.isin(last, eos_t) | (produced >= new)
+        if streamer is not None:
+            streamer.put(last.cpu())
+        state = DraftState(tokens=ids, cols=cols, positions=positions, last=last,
+                           history=[row[m].tolist() + [int(t)] for row, m, t in zip(ids, cols, last)])
+        self.draft.begin(state)
+        k = self.k
+        while not bool(done.all()):
+            room = int((new - produced)[~done].max())          # tokens the neediest live row may still take
+            kk = max(0, min(k, room - 1))
+            t = time.perf_counter()
+            drafts, lengths, q = self.draft.propose(state, kk, done, self.sampling)
+            stats.draft_seconds += time.perf_counter() - t
+            kk = drafts.shape[1]
+            lengths = torch.where(done, 0, lengths)
+            step_ids = torch.cat([state.last[:, None], drafts], dim=1)                       # [B, kk + 1]
+            step_mask = torch.cat([state.cols, torch.ones(b, kk + 1, dtype=torch.bool, device=dev)], dim=1)
+            step_pos = state.cols.sum(1, keepdim=True) + torch.arange(kk + 1, device=dev)   # next positions
+            logits = self._forward(step_ids, step_mask, step_pos)                            # [B, kk + 1, V]
+            logits = suppress_eos(logits, produced[:, None] + torch.arange(kk + 1, device=dev))
+            if self.sampling is None:
+                target = logits.argmax(-1)
+                n = accept_greedy(target, drafts, lengths)
+                nxt = target.gather(1, n[:, None])[:, 0]
+            else:
+                n, nxt = accept_sampled(self.sampling.probs(logits), q, drafts, lengths)
+            emitted = torch.cat([drafts, nxt[:, None]], dim=1)
+            emitted.scatter_(1, n[:, None], nxt[:, None])                                   # drafts[:n], then nxt
+            live = ~done
+            stats.steps += 1
+            stats.row_steps += int(live.sum())
+            stats.drafted += int(lengths[live].sum())
+            stats.accepted += int(n[live].sum())
+            # emit per row, stopping at EOS or the budget
+            em = emitted.tolist()
+            for r in range(b):
+                if done[r]:
+                    continue
+                for tok in em[r][:int(n[r]) + 1]:
+                    out[r].append(tok)
+                    state.history[r].append(tok)
+                    stats.emitted += 1
+                    if tok in eos or len(out[r]) >= new:
+                        done[r] = True
+                        break
+            if streamer is not None and b == 1:
+                streamer.put(torch.tensor(out[0][int(produced[0]):]))
+            produced = torch.tensor([len(o) for o in out], device=dev)
+            # keep the columns some live row accepted: [last, accepted drafts]; crop the rest
+            accepted_cols = torch.where(live, n + 1, 0)
+            keep = int(accepted_cols.max()) if bool(live.any()) else 1
+            if keep < kk + 1:
+                self.cache.crop(-(kk + 1 - keep))
+            new_cols = torch.arange(keep, device=dev) < accepted_cols[:, None]
+            state.tokens = torch.cat([state.tokens, step_ids[:, :keep]], dim=1)
+            state.cols = torch.cat([state.cols, new_cols], dim=1)
+            state.positions = torch.cat([state.positions, step_pos[:, :keep]], dim=1)
+            state.last = nxt
+            self.draft.commit(state)
+            if self.adaptive and kk:
+                rate = float(n[live].float().mean()) / kk if bool(live.any()) else 0.0
+                k = min(self.max_k, k + 1) if rate >= 0.8 else max(1, k - 1) if rate < 0.4 else k
+        if streamer is not None:
+            streamer.end()
+        self.draft.end()
+        longest = max(len(o) for o in out)
+        result = torch.full((b, longest), pad, dtype=ids.dtype, device=dev)
+        for r, o in enumerate(out):
+            result[r, :len(o)] = torch.tensor(o, dtype=ids.dtype)
+        drafted, accepted = stats.drafted - drafted0, stats.accepted - accepted0
+        stats.last = dict(steps=stats.steps - steps0, drafted=drafted, accepted=accepted,
+                          acceptance_rate=accepted / drafted if drafted else 0.0,
+                          tokens_per_target_forward=((stats.emitted - emitted0) / (stats.row_steps - rows0)
+                                                     if stats.row_steps > rows0 else 0.0),
+                          draft_seconds=stats.draft_seconds - d0, target_seconds=stats.target_seconds - t0)
+        return result
