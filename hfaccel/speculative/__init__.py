@@ -1,6 +1,13 @@
 """Speculative decoding behind an unchanged generate(): draft sources and the batched verify loop."""
 
-from .drafts import Draft, DraftState, ModelDraft, PromptLookup, layer_skip, quantized_copy
+from .drafts import (
+           Draft,
+           DraftState,
+           ModelDraft,
+           PromptLookup,
+           layer_skip,
+           quantized_copy,
+)
 from .loop import Sampling, SpecStats, Verifier, accept_greedy, accept_sampled
 
 __all__ = ["Draft", "DraftState", "ModelDraft", "PromptLookup", "Sampling", "SpecStats", "Verifier",

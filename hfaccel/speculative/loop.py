@@ -145,7 +145,7 @@ class Verifier:
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, mask: torch.Tensor | None, new: int, min_new: int, eos: list[int],
             pad: int, streamer=None) -> torch.Tensor:
-        model, stats = self.model, self.stats
+        stats = self.stats
         b, p = ids.shape
         dev = ids.device
         cols = torch.ones(b, p, dtype=torch.bool, device=dev) if mask is None else mask.to(torch.bool)
@@ -240,9 +240,10 @@ class Verifier:
         for r, o in enumerate(out):
             result[r, :len(o)] = torch.tensor(o, dtype=ids.dtype)
         drafted, accepted = stats.drafted - drafted0, stats.accepted - accepted0
-        stats.last = dict(steps=stats.steps - steps0, drafted=drafted, accepted=accepted,
-                          acceptance_rate=accepted / drafted if drafted else 0.0,
-                          tokens_per_target_forward=((stats.emitted - emitted0) / (stats.row_steps - rows0)
-                                                     if stats.row_steps > rows0 else 0.0),
-                          draft_seconds=stats.draft_seconds - d0, target_seconds=stats.target_seconds - t0)
+        stats.last = {
+            "steps": stats.steps - steps0, "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tokens_per_target_forward": ((stats.emitted - emitted0) / (stats.row_steps - rows0)
+                                          if stats.row_steps > rows0 else 0.0),
+            "draft_seconds": stats.draft_seconds - d0, "target_seconds": stats.target_seconds - t0}
         return result
