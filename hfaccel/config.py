@@ -224,7 +224,8 @@ SPECULATIVE_DRAFTS = ("prompt-lookup", "self-int8", "self-int4", "layer-skip:N",
 class SpeculativeConfig(_Section):
     section: ClassVar[str] = "speculative"
     draft: str | None = _opt(None, doc="prompt-lookup, self-int8, self-int4, layer-skip:N or a model path")
-    num_draft_tokens: int = _opt(5, min=1, max=64, doc="tokens drafted per step")
+    num_draft_tokens: int | None = _opt(None, min=1, max=64, doc="most tokens drafted per step (null: 10 for "
+                                        "prompt-lookup, whose drafts cost nothing, 5 for model drafts)")
     adaptive: bool = _opt(True, doc="adapt the draft length to the acceptance rate")
     confidence_threshold: float | None = _opt(None, min=0.0, max=1.0, doc="stop drafting below this draft probability")
 

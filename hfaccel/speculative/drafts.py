@@ -32,6 +32,7 @@ class DraftState:
 
 class Draft:
     name = "draft"
+    free = False          # proposing costs (next to) nothing: the loop may ask for more tokens at no charge
 
     def begin(self, state: DraftState) -> None:
         pass
@@ -51,9 +52,10 @@ class PromptLookup(Draft):
     """n-gram lookup in each row's own tokens, with an incremental index (O(n) per new token)."""
 
     name = "prompt-lookup"
+    free = True
 
-    def __init__(self, max_ngram: int = 3):
-        self.max_ngram = max_ngram
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def begin(self, state: DraftState) -> None:
         self.index: list[dict[tuple, int]] = [{} for _ in state.history]
@@ -79,7 +81,7 @@ class PromptLookup(Draft):
                 if done[r]:
                     continue
                 self._extend(r, h)
-                for n in range(min(self.max_ngram, len(h)), 0, -1):
+                for n in range(min(self.max_ngram, len(h)), self.min_ngram - 1, -1):
                     e = self.index[r].get(tuple(h[-n:]))
                     if e is not None:
                         cont = h[e + 1:e + 1 + k]

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..registry import Plan, register_feature
 from ..report import Skip
 from .drafts import Draft, ModelDraft, PromptLookup, layer_skip, quantized_copy
-from .loop import Sampling, SpecStats, Verifier
+from .loop import DraftPolicy, Sampling, SpecStats, Verifier
 
 SAMPLING_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
 ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "assistant_tokenizer")
@@ -60,6 +60,9 @@ def eligibility(model, kwargs: dict) -> tuple[str | None, Sampling | None]:
     gc = rest.get("generation_config")
     if sampling is not None:             # why_not checks greedy settings; let it see do_sample as unset
         rest["do_sample"] = False
+    ids = rest.get("input_ids")
+    if rest.get("attention_mask") is None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        rest["attention_mask"] = torch.ones_like(ids)      # what generate() uses when it cannot infer one
     reason = why_not(model, rest)
     if reason is not None and reason.startswith("cache_implementation"):
         reason = None                    # the loop brings its own cache, whatever generate() would use
@@ -70,6 +73,19 @@ def eligibility(model, kwargs: dict) -> tuple[str | None, Sampling | None]:
         if ids.shape[0] != 1:
             reason = "a streamer with batch > 1"
     return reason, sampling
+
+
+def inferred_mask(model, kwargs: dict) -> torch.Tensor | None:
+    """The attention mask generate() infers for a call without one: ids != pad when the pad token is set,
+    occurs in the prompt and is not an EOS token (else all ones, returned as None)."""
+    ids = kwargs["input_ids"]
+    pad = _setting(model, kwargs, "pad_token_id")
+    if pad is None or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    eos, _ = _eos_and_pad(model, kwargs)
+    if int(pad) in eos or not bool((ids == int(pad)).any()):
+        return None
+    return ids.ne(int(pad)).long()
 
 
 def _cache_for(model, ids: torch.Tensor, mask: torch.Tensor | None):
@@ -86,7 +102,7 @@ def _cache_for(model, ids: torch.Tensor, mask: torch.Tensor | None):
     return DynamicCache(config=model.config)
 
 
-def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats):
+def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats, policy: DraftPolicy):
     original = model.generate
     sig = inspect.signature(original)
     lock = threading.RLock()
@@ -105,6 +121,10 @@ def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats):
         given.update(given.pop("kwargs", {}))
         if given.get("inputs") is not None and given.get("input_ids") is None:
             given["input_ids"] = given.pop("inputs")
+        if given.get("attention_mask") is None and isinstance(given.get("input_ids"), torch.Tensor):
+            mask = inferred_mask(model, given)
+            if mask is not None:
+                given["attention_mask"] = mask
         reason, sampling = eligibility(model, given)
         if reason is not None:
             return fallback(reason, args, kwargs)
@@ -118,15 +138,14 @@ def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats):
         with lock:
             cache = _cache_for(model, ids, mask)
             # the pool's rows grow by the kept columns; a row can keep at most new + k per call
-            need = ids.shape[1] + new * (spec.num_draft_tokens + 1)
+            need = ids.shape[1] + new * (policy.max_k + 1)
             if isinstance(cache, PagedCache) and ids.shape[0] * cache.pool.blocks.blocks_for(need) \
                     > cache.pool.blocks.num_free:
                 cache.release()
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=model.config)
-            loop = Verifier(model, draft, cache, k=spec.num_draft_tokens, adaptive=spec.adaptive, stats=stats,
-                            sampling=sampling, max_k=spec.num_draft_tokens)
+            loop = Verifier(model, draft, cache, policy=policy, stats=stats, sampling=sampling)
             try:
                 if streamer is not None:
                     streamer.put(ids.cpu())
@@ -149,6 +168,35 @@ def _draft_problem(model: nn.Module, draft: nn.Module) -> str | None:
     if dv != tv:
         return f"the draft's vocabulary has {dv} entries, the target's {tv}: they must share one tokenizer"
     return None
+
+
+@torch.inference_mode()
+def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: int = 3) -> list[float]:
+    """Seconds of one target forward of width 1..max_width over a `context`-token cache (batch 1, median of
+    `reps` after a warm-up); index 0 is unused."""
+    import time
+
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, context + max_width), generator=g).to(dev)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    cost = [0.0]
+    for w in range(1, max_width + 1):
+        times = []
+        for _ in range(reps + 1):
+            sync()
+            t = time.perf_counter()
+            model(input_ids=ids[:, context:context + w], past_key_values=cache, use_cache=True)
+            sync()
+            times.append(time.perf_counter() - t)
+            cache.crop(-w)
+        cost.append(sorted(times[1:])[len(times[1:]) // 2])
+    return cost
 
 
 def build_draft(model: nn.Module, spec, cfg, draft_model=None) -> tuple[Draft, str]:
@@ -225,16 +273,22 @@ def plan_speculative(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
 
     def apply(rw) -> None:
         draft, label = build_draft(model, spec, cfg, draft_model)
+        max_k = spec.num_draft_tokens or (10 if draft.free else 5)
         stats = SpecStats()
+        cost = measure_widths(model, max_k + 1)
+        draft_cost = measure_widths(draft.model, 1)[1] if isinstance(draft, ModelDraft) else 0.0
+        policy = DraftPolicy(max_k, spec.adaptive, cost, draft_cost)
         rw.set_attr(model, "hfaccel_spec_stats", stats, target="hfaccel_spec_stats",
                     label="acceptance, tokens per target forward, draft/target seconds")
         rw.set_attr(model, "hfaccel_draft", draft, target="hfaccel_draft", label=label)
         adapt = "adaptive" if spec.adaptive else "fixed"
-        rw.set_attr(model, "generate", make_generate(model, draft, spec, stats), target="generate",
-                    label=f"speculative generate() ({spec.draft or 'draft model'}, up to {spec.num_draft_tokens} "
-                          f"draft tokens, {adapt})")
+        widths = " ".join(f"{w}:{c * 1e3:.1f}" for w, c in enumerate(cost) if w)
+        rw.set_attr(model, "generate", make_generate(model, draft, spec, stats, policy), target="generate",
+                    label=f"speculative generate() ({spec.draft or 'draft model'}, up to {max_k} "
+                          f"draft tokens, {adapt}; verify ms by width {widths}; draft token {draft_cost * 1e3:.1f} ms)")
 
-    return Plan("speculative", apply, f"speculative decoding (draft={what}, up to {spec.num_draft_tokens} tokens, "
+    most = spec.num_draft_tokens or ("10" if spec.draft == "prompt-lookup" else "5")
+    return Plan("speculative", apply, f"speculative decoding (draft={what}, up to {most} tokens, "
                                       f"{'adaptive' if spec.adaptive else 'fixed'})")
 
 

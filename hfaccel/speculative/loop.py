@@ -118,15 +118,67 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor
     return n, nxt
 
 
+class DraftPolicy:
+    """How many tokens to draft, and how wide to verify.
+
+    cost[w] is the target's measured time for a verify forward of width w (1 = plain decode); on CPUs it is
+    far from linear (small-M matmuls: widths 2-3 can cost more than 4-8). Adaptive: each step drafts the k
+    that maximises expected tokens per second, E(k) / (cost[k + 1] + k * draft_cost), where
+    E(k) = 1 + a + ... + a^k with `a` the running acceptance rate. A verify is padded up to the cheapest
+    width at least as wide as the proposals (padding is never accepted). Fixed: always k = max_k.
+    """
+
+    PROBE_EVERY = 4       # while drafting does not pay, still draft every 4th step to keep measuring
+
+    def __init__(self, max_k: int, adaptive: bool, cost: list[float] | None = None, draft_cost: float = 0.0,
+                 prior: float = 0.7):
+        self.max_k, self.adaptive = max_k, adaptive
+        # seconds per verify width (cost[0] unused) and per draft token; without a measurement every width
+        # counts the same and the draft's time is left out
+        self.cost = list(cost) if cost else [1.0] * (max_k + 2)
+        self.draft_cost = draft_cost if cost else 0.0
+        self.prior = self.alpha = prior
+        self.idle = 0
+
+    def _best(self, top: int, a: float) -> int:
+        a = min(max(a, 0.0), 0.99)
+        best, best_rate = 0, 0.0
+        for k in range(top + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / (self.cost[k + 1] + k * self.draft_cost)
+            if rate > best_rate * 1.0001:
+                best, best_rate = k, rate
+        return best
+
+    def choose_k(self, room: int) -> int:
+        top = max(0, min(self.max_k, room - 1))
+        if not self.adaptive:
+            return top
+        k = self._best(top, self.alpha)
+        if k == 0 and top:
+            self.idle += 1
+            if self.idle % self.PROBE_EVERY == 0:
+                k = self._best(top, self.prior) or 1
+        return k
+
+    def width(self, needed: int) -> int:
+        """The cheapest verify width >= needed (ties: the narrowest)."""
+        if needed >= len(self.cost) - 1:
+            return needed
+        return min(range(needed, len(self.cost)), key=lambda w: (self.cost[w], w))
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self.alpha = 0.7 * self.alpha + 0.3 * accepted / proposed
+
+
 class Verifier:
     """One generate() call's speculative loop. `run` returns the new tokens, [B, generated], pad after a row
     ends (the layout generate() returns)."""
 
-    def __init__(self, model, draft: Draft, cache, *, k: int, adaptive: bool, stats: SpecStats,
-                 sampling: Sampling | None = None, max_k: int | None = None):
+    def __init__(self, model, draft: Draft, cache, *, policy: DraftPolicy, stats: SpecStats,
+                 sampling: Sampling | None = None):
         self.model, self.draft, self.cache = model, draft, cache
-        self.k, self.adaptive, self.stats = k, adaptive, stats
-        self.max_k = max_k or k
+        self.policy, self.stats = policy, stats
         self.sampling = sampling
 
     def _forward(self, ids, mask, positions, keep: int | None = None):
@@ -176,15 +228,25 @@ class Verifier:
         state = DraftState(tokens=ids, cols=cols, positions=positions, last=last,
                            history=[row[m].tolist() + [int(t)] for row, m, t in zip(ids, cols, last)])
         self.draft.begin(state)
-        k = self.k
+        policy = self.policy
         while not bool(done.all()):
             room = int((new - produced)[~done].max())          # tokens the neediest live row may still take
-            kk = max(0, min(k, room - 1))
+            kk = policy.choose_k(room)
             t = time.perf_counter()
+            if kk and self.draft.free:                           # free drafts fill the cheapest width
+                kk = min(policy.width(kk + 1) - 1, max(0, room - 1))
             drafts, lengths, q = self.draft.propose(state, kk, done, self.sampling)
-            stats.draft_seconds += time.perf_counter() - t
-            kk = drafts.shape[1]
+            spent = time.perf_counter() - t
+            stats.draft_seconds += spent
             lengths = torch.where(done, 0, lengths)
+            need = int(lengths.max()) if lengths.numel() else 0    # the longest proposal...
+            kk = policy.width(need + 1) - 1 if need else 0         # ...padded to the cheapest width
+            if kk > drafts.shape[1]:
+                drafts = torch.cat([drafts, drafts.new_zeros(b, kk - drafts.shape[1])], dim=1)
+                if q is not None:
+                    q = torch.cat([q, q.new_zeros(b, kk - q.shape[1], q.shape[2])], dim=1)
+            drafts = drafts[:, :kk]
+            q = q[:, :kk] if q is not None else None
             step_ids = torch.cat([state.last[:, None], drafts], dim=1)                       # [B, kk + 1]
             step_mask = torch.cat([state.cols, torch.ones(b, kk + 1, dtype=torch.bool, device=dev)], dim=1)
             step_pos = state.cols.sum(1, keepdim=True) + torch.arange(kk + 1, device=dev)   # next positions
@@ -229,9 +291,7 @@ class Verifier:
             state.positions = torch.cat([state.positions, step_pos[:, :keep]], dim=1)
             state.last = nxt
             self.draft.commit(state)
-            if self.adaptive and kk:
-                rate = float(n[live].float().mean()) / kk if bool(live.any()) else 0.0
-                k = min(self.max_k, k + 1) if rate >= 0.8 else max(1, k - 1) if rate < 0.4 else k
+            policy.observe(int(lengths[live].sum()), int(n[live].sum()))
         if streamer is not None:
             streamer.end()
         self.draft.end()
