@@ -241,6 +241,14 @@ def speculative_problem(model: nn.Module, cfg, draft_model=None) -> str | None:
     if d in ("self-int8", "self-int4") and cfg.quantization.method != "none":
         return (f"draft {d}: the target is already quantized ({cfg.quantization.method}, {cfg.quantization.bits} "
                 f"bit); its quantized copy would cost as much as the target")
+    if d is not None and d not in ("prompt-lookup", "self-int8", "self-int4") and not d.startswith("layer-skip") \
+            and draft_model is None:
+        from pathlib import Path
+
+        if not (Path(d) / "config.json").is_file():
+            raise ConfigError(f"speculative.draft = {d!r} is not allowed: it is neither prompt-lookup, self-int8, "
+                              f"self-int4, layer-skip:N nor a model folder with a config.json",
+                              key="speculative.draft", value=d)
     if d is not None and d.startswith("layer-skip"):
         n = int(d.partition(":")[2])
         total = model.config.get_text_config().num_hidden_layers

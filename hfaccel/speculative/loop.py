@@ -128,7 +128,8 @@ class DraftPolicy:
     width at least as wide as the proposals (padding is never accepted). Fixed: always k = max_k.
     """
 
-    PROBE_EVERY = 4       # while drafting does not pay, still draft every 4th step to keep measuring
+    PROBE_EVERY = 4       # while drafting does not pay, still draft now and then to keep measuring:
+    MAX_INTERVAL = 64     # after 4 steps, then 8, 16, ... 64 while the probes keep failing
 
     def __init__(self, max_k: int, adaptive: bool, cost: list[float] | None = None, draft_cost: float = 0.0,
                  prior: float = 0.7):
@@ -138,7 +139,7 @@ class DraftPolicy:
         self.cost = list(cost) if cost else [1.0] * (max_k + 2)
         self.draft_cost = draft_cost if cost else 0.0
         self.prior = self.alpha = prior
-        self.idle = 0
+        self.idle, self.interval = 0, self.PROBE_EVERY
 
     def _best(self, top: int, a: float) -> int:
         a = min(max(a, 0.0), 0.99)
@@ -154,9 +155,12 @@ class DraftPolicy:
         if not self.adaptive:
             return top
         k = self._best(top, self.alpha)
-        if k == 0 and top:
+        if k:
+            self.interval = self.PROBE_EVERY
+        elif top:
             self.idle += 1
-            if self.idle % self.PROBE_EVERY == 0:
+            if self.idle >= self.interval:          # probe; each probe that does not pay doubles the wait
+                self.idle, self.interval = 0, min(self.interval * 2, self.MAX_INTERVAL)
                 k = self._best(top, self.prior) or 1
         return k
 
@@ -219,7 +223,7 @@ class Verifier:
         positions = (cols.long().cumsum(1) - 1).clamp(min=0)
         logits = self._forward(ids[:, have:], cols, positions[:, have:], keep=1)[:, -1]
         produced = torch.zeros(b, dtype=torch.long, device=dev)
-        last = self._pick(suppress_eos(logits, produced[:, None]))
+        last = self._pick(suppress_eos(logits[:, None], produced[:, None])[:, 0])
         out = [[int(t)] for t in last]
         produced += 1
         done = torch.isin(last, eos_t) | (produced >= new)
@@ -278,7 +282,8 @@ class Verifier:
                         done[r] = True
                         break
             if streamer is not None and b == 1:
-                streamer.put(torch.tensor(out[0][int(produced[0]):]))
+                for tok in out[0][int(produced[0]):]:              # one token per put, as generate() does
+                    streamer.put(torch.tensor([tok]))
             produced = torch.tensor([len(o) for o in out], device=dev)
             # keep the columns some live row accepted: [last, accepted drafts]; crop the rest
             accepted_cols = torch.where(live, n + 1, 0)

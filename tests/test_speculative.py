@@ -1,0 +1,301 @@
+"""Speculative decoding: token-exact greedy for every draft type at batch 1 and 4, rejection sampling that keeps
+the target distribution (chi-square), attach once / revert, fallbacks, stats, config errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hfaccel
+from hfaccel import models
+from hfaccel.errors import ConfigError
+from hfaccel.speculative import DraftPolicy, PromptLookup, accept_sampled
+from hfaccel.speculative.drafts import DraftState
+
+DRAFTS = ("prompt-lookup", "layer-skip:1", "self-int8", "self-int4", "model-path", "draft_model")
+
+
+def batch(vocab: int, rows: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows of different lengths; each repeats a phrase so that prompt lookup finds n-grams."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for r in range(rows):
+        phrase = torch.randint(3, vocab, (6 + r,), generator=g).tolist()
+        seqs.append(phrase * 2 + phrase[:3 + r])
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.tensor(s)
+        mask[r, width - len(s):] = 1
+    return ids, mask
+
+
+def accelerated(draft: str, tmp_path, arch: str = "llama", **spec):
+    model, ref = models.tiny(arch), models.tiny(arch)
+    kw = {}
+    # an external draft equal to the target (same seed) accepts everything: the loop's bookkeeping at full
+    # acceptance; the quantized and layer-skip drafts cover partial acceptance
+    if draft == "model-path":
+        models.tiny(arch).save_pretrained(tmp_path / "draft")
+        draft = str(tmp_path / "draft")
+    elif draft == "draft_model":
+        kw["draft_model"], draft = models.tiny(arch), None
+    spec = {"draft": draft, "adaptive": False, **spec}       # fixed length: every step drafts
+    report = hfaccel.accelerate_model(model, speculative=spec, **kw)
+    return model, ref, report
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_greedy_is_token_exact_for_every_draft_type(draft, rows, tmp_path):
+    model, ref, report = accelerated(draft, tmp_path)
+    assert [c.target for c in report.changes if c.feature == "speculative"] == \
+        ["hfaccel_spec_stats", "hfaccel_draft", "generate"]
+    ids, mask = batch(ref.config.vocab_size, rows)
+    kw = {"attention_mask": mask, "max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+    want = ref.generate(ids, **kw)
+    got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+    stats = model.hfaccel_spec_stats
+    assert stats.calls == 1 and stats.fallback_calls == 0
+    assert stats.drafted > 0 and 0 <= stats.acceptance_rate <= 1
+    assert stats.tokens_per_target_forward >= 1 and stats.steps < 23     # drafting saved target forwards
+    assert stats.last["target_seconds"] > 0 and stats.last["draft_seconds"] > 0
+
+
+def test_rows_finish_at_different_steps_on_eos_and_min_new_tokens(tmp_path):
+    model, ref, _ = accelerated("layer-skip:1", tmp_path)
+    ids, mask = batch(ref.config.vocab_size, 4)
+    free = ref.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    new = free[:, ids.shape[1]:]
+    eos = int(new[0, 3])
+    for kw in ({"eos_token_id": eos}, {"eos_token_id": [eos, int(new[2, 6])]},
+               {"eos_token_id": eos, "min_new_tokens": 7}):
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=5, **kw)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=5, **kw)
+        assert torch.equal(got, want), kw
+    assert model.hfaccel_spec_stats.fallback_calls == 0
+
+
+@pytest.mark.parametrize("kv", ["paged", "dynamic", "static"])
+def test_every_cache_type_and_prefix_reuse(kv, tmp_path):
+    model, ref = models.tiny("qwen2"), models.tiny("qwen2")
+    hfaccel.accelerate_model(model, kv_cache={"type": kv}, speculative={"draft": "prompt-lookup"})
+    ids, mask = batch(ref.config.vocab_size, 2)
+    kw = {"attention_mask": mask, "max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+    want = ref.generate(ids, **kw)
+    for _ in range(2):                     # the second call finds the prompt's blocks in the pool (paged)
+        assert torch.equal(model.generate(ids, **kw), want)
+    if kv == "paged":
+        one = ids[:1, mask[0].argmax():].repeat(1, 3)      # 3 x a 16+-token row: full blocks to reuse
+        first = model.generate(one, max_new_tokens=5)
+        reused = model.hfaccel_stats.reused_tokens
+        assert torch.equal(model.generate(one, max_new_tokens=5), first)
+        assert model.hfaccel_stats.reused_tokens > reused
+        assert torch.equal(first, ref.generate(one, max_new_tokens=5))
+
+
+def test_pool_blocks_all_return_after_calls():
+    model = models.tiny("llama")
+    hfaccel.accelerate_model(model, speculative={"draft": "prompt-lookup"}, kv_cache={"prefix_reuse": False})
+    pool = model.hfaccel_kv_pool
+    free = pool.blocks.num_free
+    ids, mask = batch(model.config.vocab_size, 4)
+    model.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0)
+    assert pool.blocks.num_free == free
+
+
+def test_streamer_gets_the_prompt_then_each_token_then_end(tmp_path):
+    model, ref, _ = accelerated("prompt-lookup", tmp_path)
+    ids, _ = batch(ref.config.vocab_size, 1)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.tolist())
+
+        def end(self):
+            self.calls.append("end")
+
+    want, got = Recorder(), Recorder()
+    a = ref.generate(ids, max_new_tokens=20, do_sample=False, streamer=want)
+    b = model.generate(ids, max_new_tokens=20, do_sample=False, streamer=got)
+    assert torch.equal(a, b) and got.calls == want.calls
+    assert model.hfaccel_spec_stats.calls == 1
+
+
+def test_assisted_arguments_take_precedence_and_other_calls_fall_back(tmp_path):
+    model, ref, _ = accelerated("prompt-lookup", tmp_path)
+    ids, _ = batch(ref.config.vocab_size, 1)
+    want = ref.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3), want)
+    assistant = models.tiny("llama", seed=7)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant), want)
+    beams = ref.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False), beams)
+    reasons = model.hfaccel_spec_stats.fallback_reasons
+    assert reasons == {"assisted generation asked for by the call": 2, "num_beams=2": 1}
+    assert model.hfaccel_spec_stats.calls == 0
+
+
+def test_attached_once_and_revert_detaches(tmp_path):
+    model, ref, _ = accelerated("layer-skip:1", tmp_path)
+    before = dict(model.state_dict())
+    assert "generate" in model.__dict__ and "hfaccel_draft" in model.__dict__
+    assert hfaccel.revert_model(model) == []
+    assert "generate" not in model.__dict__ and "hfaccel_draft" not in model.__dict__
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2   # the draft cut nothing
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ids, _ = batch(ref.config.vocab_size, 2)
+    assert torch.equal(model.generate(ids, max_new_tokens=8), ref.generate(ids, max_new_tokens=8))
+
+
+def test_mask_inferred_from_pad_as_generate_does(tmp_path):
+    model, ref, _ = accelerated("prompt-lookup", tmp_path)
+    ids, mask = batch(ref.config.vocab_size, 3)            # padded with 0 = pad_token_id, not an EOS
+    want = ref.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), want)
+    assert model.hfaccel_spec_stats.fallback_calls == 0
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of counts against probs (bins with expected < 5 merged)."""
+    n = counts.sum()
+    expected = probs.double() * n
+    keep = expected >= 5
+    obs = torch.cat([counts[keep].double(), counts[~keep].double().sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    if exp[-1] < 5:                                        # fold a small remainder into the last kept bin
+        obs, exp = torch.cat([obs[:-2], (obs[-2] + obs[-1])[None]]), torch.cat([exp[:-2], (exp[-2] + exp[-1])[None]])
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("deterministic_draft", [False, True])
+def test_rejection_sampling_keeps_the_target_distribution(deterministic_draft):
+    torch.manual_seed(0)
+    v, k, n = 12, 3, 60000
+    p = torch.softmax(torch.randn(k + 1, v) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, v) * 1.5, -1)
+    if deterministic_draft:
+        drafts = torch.multinomial(q, 1)[:, 0].expand(n, k).clone()    # prompt lookup: fixed tokens, q one-hot
+        qq = None
+    else:
+        drafts = torch.stack([torch.multinomial(q[j], n, replacement=True) for j in range(k)], 1)
+        qq = q.expand(n, k, v)
+    g = torch.Generator().manual_seed(1)
+    accepted, nxt = accept_sampled(p.expand(n, k + 1, v), qq, drafts, torch.full((n,), k), generator=g)
+    first = torch.where(accepted > 0, drafts[:, 0], nxt)                 # the first token emitted per row
+    assert chi_square_p(torch.bincount(first, minlength=v), p[0]) > 1e-3
+    # the second emitted token, among rows whose first was a draft (the target's row-1 distribution; the
+    # test uses context-free p, so the conditional equals p[1])
+    rows = accepted > 0
+    second = torch.where(accepted[rows] > 1, drafts[rows, 1], nxt[rows])
+    assert chi_square_p(torch.bincount(second, minlength=v), p[1]) > 1e-3
+    # negative control: taking every draft (no rejection) is detected as the wrong distribution
+    if not deterministic_draft:
+        assert chi_square_p(torch.bincount(drafts[:, 0], minlength=v), p[0]) < 1e-6
+
+
+def test_sampled_generate_follows_the_target_distribution():
+    """End to end on a tiny model: the 2nd sampled token's marginal over 3000 rows equals the exact one."""
+    torch.manual_seed(0)
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    hfaccel.accelerate_model(model, speculative={"draft": "self-int4", "adaptive": False},
+                             kv_cache={"type": "dynamic"})
+    prompt = torch.tensor([[5, 9, 13, 5, 9]])
+    n, top_k, temp = 3000, 8, 0.7
+    out = model.generate(prompt.expand(n, -1), attention_mask=torch.ones(n, 5, dtype=torch.long), do_sample=True,
+                         top_k=top_k, temperature=temp, max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    assert model.hfaccel_spec_stats.calls == 1 and model.hfaccel_spec_stats.drafted > 0
+    from hfaccel.speculative import Sampling
+
+    warp = Sampling(temperature=temp, top_k=top_k)
+    with torch.inference_mode():
+        p1 = warp.probs(ref(prompt).logits[:, -1])[0]                                  # [V]
+        firsts = torch.arange(ref.config.vocab_size)[:, None]
+        p2 = warp.probs(ref(torch.cat([prompt.expand(len(firsts), -1), firsts], 1)).logits[:, -1])   # [V, V]
+    marginal = (p1[:, None] * p2).sum(0)
+    assert chi_square_p(torch.bincount(out[:, 6], minlength=ref.config.vocab_size), marginal) > 1e-3
+    assert chi_square_p(torch.bincount(out[:, 5], minlength=ref.config.vocab_size), p1) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
+    lookup = PromptLookup()
+    h = [[1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2, 3]]
+    state = DraftState(torch.tensor(h), torch.ones(1, len(h[0]), dtype=torch.bool), torch.arange(14)[None],
+                       torch.tensor([3]), h)
+    lookup.begin(state)
+    drafts, lengths, q = lookup.propose(state, 4, torch.tensor([False]))
+    assert drafts.tolist() == [[7, 8, 1, 2]] and lengths.tolist() == [4] and q is None   # latest "1 2 3"
+    state.history[0] += [7, 8]                              # the index grows with the output
+    drafts, lengths, _ = lookup.propose(state, 4, torch.tensor([False]))
+    assert drafts[0, :3].tolist() == [1, 2, 3] and lengths.tolist() == [4]
+
+
+def test_policy_pads_to_the_cheapest_width_and_adapts():
+    cost = [0, 1.0, 1.6, 1.9, 1.4, 1.4, 1.5]
+    pol = DraftPolicy(5, adaptive=True, cost=cost)
+    assert pol.width(2) == 4 and pol.width(4) == 4 and pol.width(6) == 6 and pol.width(9) == 9
+    pol.alpha = 0.9
+    assert pol.choose_k(100) == 5 and pol.choose_k(3) == 2
+    pol.alpha = 0.05
+    ks = [pol.choose_k(100) for _ in range(40)]
+    probes = [i for i, k in enumerate(ks) if k]
+    assert probes == [3, 11, 27]                 # failing probes back off: after 4 steps, then 8, then 16
+    pol.alpha = 0.9
+    assert pol.choose_k(100) == 5 and pol.interval == 4
+    assert DraftPolicy(5, adaptive=False, cost=cost).choose_k(100) == 5
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def test_bad_drafts_are_refused_before_any_change(tmp_path):
+    model = models.tiny("llama")
+    with pytest.raises(ConfigError, match=r"layer-skip:2' is not allowed for a model of 2 layers; allowed: "
+                                          r"layer-skip:1 to layer-skip:1"):
+        hfaccel.accelerate_model(model, speculative={"draft": "layer-skip:2"})
+    with pytest.raises(ConfigError, match="neither prompt-lookup, self-int8, self-int4, layer-skip:N nor a model"):
+        hfaccel.accelerate_model(model, speculative={"draft": str(tmp_path / "nothing")})
+    other = models.tiny("llama", vocab_size=300)
+    with pytest.raises(ConfigError, match="vocabulary has 300 entries, the target's 512"):
+        hfaccel.accelerate_model(model, draft_model=other)
+    assert "generate" not in model.__dict__ and "_hfaccel_state" not in model.__dict__
+
+
+def test_skips_with_reasons():
+    model = models.tiny("llama")
+    report = hfaccel.accelerate_model(model, "cpu-int8", speculative={"draft": "self-int8"})
+    reason = next(s.reason for s in report.skipped if s.feature == "speculative")
+    assert "the target is already quantized (rtn, 8 bit)" in reason
+    assert not any(s.feature == "compile" and "speculative" in s.reason for s in report.skipped)
+    gemma = models.tiny("gemma")
+    if any(t != "full_attention" for t in (getattr(gemma.config, "layer_types", None) or [])):
+        rep = hfaccel.accelerate_model(gemma, speculative={"draft": "prompt-lookup"})
+        assert any(s.feature == "speculative" and "sliding" in s.reason for s in rep.skipped)
+
+
+def test_layer_skip_draft_shares_parameters_and_leaves_the_target_whole():
+    from hfaccel.speculative import layer_skip
+
+    model = models.tiny("qwen2")
+    draft = layer_skip(model, 1)
+    assert draft.model.layers[0] is model.model.layers[0] and len(draft.model.layers) == 1
+    assert draft.lm_head.weight is model.lm_head.weight and len(model.model.layers) == 2
+    assert model.config.num_hidden_layers == 2 and draft.config.num_hidden_layers == 1
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.inference_mode():
+        full = copy.deepcopy(model)
+        full.model.layers = full.model.layers[:1]
+        full.config.num_hidden_layers = 1
+        assert torch.allclose(draft(ids).logits, full(ids).logits)
