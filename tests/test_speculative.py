@@ -13,6 +13,7 @@ from hfaccel import models
 from hfaccel.errors import ConfigError
 from hfaccel.speculative import DraftPolicy, PromptLookup, accept_sampled
 from hfaccel.speculative.drafts import DraftState
+from tests.conftest import needs_default_model
 
 DRAFTS = ("prompt-lookup", "layer-skip:1", "self-int8", "self-int4", "model-path", "draft_model")
 
@@ -299,3 +300,29 @@ def test_layer_skip_draft_shares_parameters_and_leaves_the_target_whole():
         full.model.layers = full.model.layers[:1]
         full.config.num_hidden_layers = 1
         assert torch.allclose(draft(ids).logits, full(ids).logits)
+
+
+@pytest.mark.slow
+@needs_default_model
+@pytest.mark.parametrize("preset, draft", [("low-latency", "prompt-lookup"), (None, "self-int8")])
+def test_default_model_speculative_is_token_exact(default_model, preset, draft):
+    model, tok = default_model
+    fast = copy.deepcopy(model)
+    report = hfaccel.accelerate_model(fast, preset, speculative={"draft": draft})
+    assert report.lossless and any(c.feature == "speculative" for c in report.changes)
+    tok = copy.copy(tok)
+    tok.padding_side = "left"
+    passage = "The quick brown fox jumps over the lazy dog. " * 3
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+             for c in (f"Repeat this text exactly: {passage}", "Write a haiku about autumn.",
+                       "def fibonacci(n):", "Name three colours.")]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    for rows in (1, 4):
+        ids, mask = enc.input_ids[:rows], enc.attention_mask[:rows]
+        if rows == 1:
+            ids, mask = ids[:, mask[0].argmax():], mask[:, mask[0].argmax():]
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+        assert torch.equal(got, want)
+    stats = fast.hfaccel_spec_stats
+    assert stats.calls == 2 and stats.accepted > 0

@@ -8,7 +8,14 @@ from .drafts import (
            layer_skip,
            quantized_copy,
 )
-from .loop import DraftPolicy, Sampling, SpecStats, Verifier, accept_greedy, accept_sampled
+from .loop import (
+           DraftPolicy,
+           Sampling,
+           SpecStats,
+           Verifier,
+           accept_greedy,
+           accept_sampled,
+)
 
 __all__ = ["Draft", "DraftPolicy", "DraftState", "ModelDraft", "PromptLookup", "Sampling", "SpecStats", "Verifier",
            "accept_greedy", "accept_sampled", "layer_skip", "quantized_copy"]
