@@ -99,8 +99,8 @@ def main() -> None:
         systems[d] = m
 
     reference = {}
-    print(f"\n| prompts | batch | system | tok/s | vs hfaccel greedy | vs plain | acceptance | tokens / target fwd | "
-          f"draft s | target s | agreement |")
+    print("\n| prompts | batch | system | tok/s | vs hfaccel greedy | vs plain | acceptance | tokens / target fwd | "
+          "draft s | target s | agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (kind, bs), calls in batches.items():
         for m in systems.values():                                   # warm-up: one short call each
