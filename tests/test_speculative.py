@@ -248,14 +248,14 @@ def test_policy_pads_to_the_cheapest_width_and_adapts():
     cost = [0, 1.0, 1.6, 1.9, 1.4, 1.4, 1.5]
     pol = DraftPolicy(5, adaptive=True, cost=cost)
     assert pol.width(2) == 4 and pol.width(4) == 4 and pol.width(6) == 6 and pol.width(9) == 9
-    pol.alpha = 0.9
-    assert pol.choose_k(100) == 5 and pol.choose_k(3) == 2
-    pol.alpha = 0.05
-    ks = [pol.choose_k(100) for _ in range(40)]
-    probes = [i for i, k in enumerate(ks) if k]
-    assert probes == [3, 11, 27]                 # failing probes back off: after 4 steps, then 8, then 16
-    pol.alpha = 0.9
-    assert pol.choose_k(100) == 5 and pol.interval == 4
+    for _ in range(20):
+        pol.observe(9, 1)                        # 9 accepted, 1 rejection per step: a -> 0.9
+    assert abs(pol.alpha[0] - 0.9) < 0.02 and pol.choose_k(100) == 5 and pol.choose_k(3) == 2
+    for _ in range(20):
+        pol.observe(0, 4, cls=1)                 # another class that never pays
+    ks = [pol.choose_k(100, cls=1) for _ in range(60)]
+    assert [i for i, k in enumerate(ks) if k] == [3, 11, 27, 43, 59]    # probes after 4, 8, then every 16
+    assert pol.choose_k(100) == 5                 # class 0 unaffected
     assert DraftPolicy(5, adaptive=False, cost=cost).choose_k(100) == 5
 
 

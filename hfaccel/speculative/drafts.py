@@ -76,6 +76,7 @@ class PromptLookup(Draft):
         b = len(state.history)
         drafts = torch.zeros(b, k, dtype=torch.long)
         lengths = torch.zeros(b, dtype=torch.long)
+        self.classes = [None] * b          # per row: the n-gram length that matched (the policy's class)
         if k:
             for r, h in enumerate(state.history):
                 if done[r]:
@@ -87,6 +88,7 @@ class PromptLookup(Draft):
                         cont = h[e + 1:e + 1 + k]
                         drafts[r, :len(cont)] = torch.tensor(cont)
                         lengths[r] = len(cont)
+                        self.classes[r] = n
                         break
         dev = state.last.device
         return drafts.to(dev), lengths.to(dev), None

@@ -122,14 +122,17 @@ class DraftPolicy:
     """How many tokens to draft, and how wide to verify.
 
     cost[w] is the target's measured time for a verify forward of width w (1 = plain decode); on CPUs it is
-    far from linear (small-M matmuls: widths 2-3 can cost more than 4-8). Adaptive: each step drafts the k
-    that maximises expected tokens per second, E(k) / (cost[k + 1] + k * draft_cost), where
-    E(k) = 1 + a + ... + a^k with `a` the running acceptance rate. A verify is padded up to the cheapest
+    far from linear (small-M matmuls: widths 2-3 can cost more than 4-8). Adaptive: a draft of k tokens is
+    worth E(k) / (cost[k + 1] + k * draft_cost) tokens per second, E(k) = 1 + a + ... + a^k, with `a` the
+    acceptance estimate of its class (model drafts: one class; prompt lookup: the length of the n-gram that
+    matched, since a 3-gram match continues far more often than a 1-gram one). `a` is the geometric-model
+    estimate accepted / (accepted + rejections), smoothed. k = 0 (plain decode) wins while drafting does not
+    pay; a class is still probed after 4, 8, then every 16 such steps. A verify is padded up to the cheapest
     width at least as wide as the proposals (padding is never accepted). Fixed: always k = max_k.
     """
 
-    PROBE_EVERY = 4       # while drafting does not pay, still draft now and then to keep measuring:
-    MAX_INTERVAL = 64     # after 4 steps, then 8, 16, ... 64 while the probes keep failing
+    PROBE_EVERY = 4
+    MAX_INTERVAL = 16
 
     def __init__(self, max_k: int, adaptive: bool, cost: list[float] | None = None, draft_cost: float = 0.0,
                  prior: float = 0.7):
@@ -138,29 +141,32 @@ class DraftPolicy:
         # counts the same and the draft's time is left out
         self.cost = list(cost) if cost else [1.0] * (max_k + 2)
         self.draft_cost = draft_cost if cost else 0.0
-        self.prior = self.alpha = prior
-        self.idle, self.interval = 0, self.PROBE_EVERY
+        self.prior = prior
+        self.alpha: dict = {}
+        self.idle: dict = {}
+        self.interval: dict = {}
 
     def _best(self, top: int, a: float) -> int:
         a = min(max(a, 0.0), 0.99)
         best, best_rate = 0, 0.0
         for k in range(top + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (self.cost[k + 1] + k * self.draft_cost)
+            rate = (1 - a ** (k + 1)) / (1 - a) / (self.cost[min(k + 1, len(self.cost) - 1)] + k * self.draft_cost)
             if rate > best_rate * 1.0001:
                 best, best_rate = k, rate
         return best
 
-    def choose_k(self, room: int) -> int:
+    def choose_k(self, room: int, cls=0) -> int:
         top = max(0, min(self.max_k, room - 1))
         if not self.adaptive:
             return top
-        k = self._best(top, self.alpha)
+        k = self._best(top, self.alpha.get(cls, self.prior))
         if k:
-            self.interval = self.PROBE_EVERY
+            self.interval[cls] = self.PROBE_EVERY
         elif top:
-            self.idle += 1
-            if self.idle >= self.interval:          # probe; each probe that does not pay doubles the wait
-                self.idle, self.interval = 0, min(self.interval * 2, self.MAX_INTERVAL)
+            self.idle[cls] = self.idle.get(cls, 0) + 1
+            if self.idle[cls] >= self.interval.get(cls, self.PROBE_EVERY):
+                self.idle[cls] = 0
+                self.interval[cls] = min(self.interval.get(cls, self.PROBE_EVERY) * 2, self.MAX_INTERVAL)
                 k = self._best(top, self.prior) or 1
         return k
 
@@ -170,9 +176,10 @@ class DraftPolicy:
             return needed
         return min(range(needed, len(self.cost)), key=lambda w: (self.cost[w], w))
 
-    def observe(self, proposed: int, accepted: int) -> None:
-        if proposed:
-            self.alpha = 0.7 * self.alpha + 0.3 * accepted / proposed
+    def observe(self, accepted: int, rejections: int, cls=0) -> None:
+        if accepted + rejections:
+            a = self.alpha.get(cls, self.prior)
+            self.alpha[cls] = 0.8 * a + 0.2 * accepted / (accepted + rejections)
 
 
 class Verifier:
@@ -235,14 +242,17 @@ class Verifier:
         policy = self.policy
         while not bool(done.all()):
             room = int((new - produced)[~done].max())          # tokens the neediest live row may still take
-            kk = policy.choose_k(room)
+            free = self.draft.free
+            kk = min(policy.max_k, room - 1) if free else policy.choose_k(room)
             t = time.perf_counter()
-            if kk and self.draft.free:                           # free drafts fill the cheapest width
-                kk = min(policy.width(kk + 1) - 1, max(0, room - 1))
             drafts, lengths, q = self.draft.propose(state, kk, done, self.sampling)
+            lengths = torch.where(done, 0, lengths)
+            classes = getattr(self.draft, "classes", None) if free else None
+            if classes is not None:           # per row: draft only as far as its match class pays
+                lengths = torch.tensor([min(int(ln), policy.choose_k(int(ln) + 1, c)) if ln else 0
+                                        for ln, c in zip(lengths.tolist(), classes)], device=dev)
             spent = time.perf_counter() - t
             stats.draft_seconds += spent
-            lengths = torch.where(done, 0, lengths)
             need = int(lengths.max()) if lengths.numel() else 0    # the longest proposal...
             kk = policy.width(need + 1) - 1 if need else 0         # ...padded to the cheapest width
             if kk > drafts.shape[1]:
@@ -296,7 +306,12 @@ class Verifier:
             state.positions = torch.cat([state.positions, step_pos[:, :keep]], dim=1)
             state.last = nxt
             self.draft.commit(state)
-            policy.observe(int(lengths[live].sum()), int(n[live].sum()))
+            rejected = (n < lengths) & live
+            if classes is not None:
+                for r in torch.nonzero(lengths > 0).flatten().tolist():
+                    policy.observe(int(n[r]), int(rejected[r]), classes[r])
+            else:
+                policy.observe(int(n[live].sum()), int(rejected.sum()))
         if streamer is not None:
             streamer.end()
         self.draft.end()
