@@ -67,6 +67,17 @@ def test_greedy_is_token_exact_for_every_draft_type(draft, rows, tmp_path):
     assert stats.last["target_seconds"] > 0 and stats.last["draft_seconds"] > 0
 
 
+def test_confidence_threshold_stops_drafting_early_and_stays_exact(tmp_path):
+    ids, mask = batch(512, 4)
+    kw = {"attention_mask": mask, "max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+    drafted = {}
+    for threshold in (None, 0.5):
+        model, ref, _ = accelerated("self-int8", tmp_path, confidence_threshold=threshold)
+        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+        drafted[threshold] = model.hfaccel_spec_stats.drafted
+    assert drafted[0.5] < drafted[None]      # a random tiny model is rarely 50% sure of its next token
+
+
 def test_rows_finish_at_different_steps_on_eos_and_min_new_tokens(tmp_path):
     model, ref, _ = accelerated("layer-skip:1", tmp_path)
     ids, mask = batch(ref.config.vocab_size, 4)
@@ -257,6 +268,11 @@ def test_policy_pads_to_the_cheapest_width_and_adapts():
     assert [i for i, k in enumerate(ks) if k] == [3, 11, 27, 43, 59]    # probes after 4, 8, then every 16
     assert pol.choose_k(100) == 5                 # class 0 unaffected
     assert DraftPolicy(5, adaptive=False, cost=cost).choose_k(100) == 5
+    asked = []
+    pol = DraftPolicy(5, adaptive=True, cost=cost, measure=lambda b: (asked.append(b), ([0] + [b * 1.0] * 6, 0.1))[1])
+    for b in (1, 3, 4, 2, 9, 40, 3):
+        pol.use_batch(b)
+    assert asked == [4, 2, 16] and pol.cost[1] == 4.0       # buckets 1, 2, 4, 8, 16+, each measured once
 
 
 # ---------------------------------------------------------------------------------------------- config

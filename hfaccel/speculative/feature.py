@@ -151,6 +151,7 @@ def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats, policy
                     streamer.put(ids.cpu())
                 rest = loop.run(ids, mask, new, min_new, eos, pad, streamer=streamer)
                 stats.calls += 1
+                stats.calibration_seconds = policy.measure_seconds
             finally:
                 if isinstance(cache, PagedCache):
                     cache.release()
@@ -171,8 +172,8 @@ def _draft_problem(model: nn.Module, draft: nn.Module) -> str | None:
 
 
 @torch.inference_mode()
-def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: int = 3) -> list[float]:
-    """Seconds of one target forward of width 1..max_width over a `context`-token cache (batch 1, median of
+def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: int = 3, batch: int = 1) -> list[float]:
+    """Seconds of one forward of width 1..max_width over a `context`-token cache (`batch` rows, median of
     `reps` after a warm-up); index 0 is unused."""
     import time
 
@@ -181,7 +182,7 @@ def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: in
     dev = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, context + max_width), generator=g).to(dev)
+    ids = torch.randint(0, vocab, (batch, context + max_width), generator=g).to(dev)
     cache = DynamicCache(config=model.config)
     model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -283,9 +284,14 @@ def plan_speculative(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         draft, label = build_draft(model, spec, cfg, draft_model)
         max_k = spec.num_draft_tokens or (10 if draft.free else 5)
         stats = SpecStats()
-        cost = measure_widths(model, max_k + 1)
-        draft_cost = measure_widths(draft.model, 1)[1] if isinstance(draft, ModelDraft) else 0.0
-        policy = DraftPolicy(max_k, spec.adaptive, cost, draft_cost)
+        def measure(batch: int) -> tuple[list[float], float]:
+            reps = 3 if batch == 1 else 2
+            draft_cost = measure_widths(draft.model, 1, reps=reps, batch=batch)[1] \
+                if isinstance(draft, ModelDraft) else 0.0
+            return measure_widths(model, max_k + 1, reps=reps, batch=batch), draft_cost
+
+        cost, draft_cost = measure(1)
+        policy = DraftPolicy(max_k, spec.adaptive, cost, draft_cost, measure=measure if spec.adaptive else None)
         rw.set_attr(model, "hfaccel_spec_stats", stats, target="hfaccel_spec_stats",
                     label="acceptance, tokens per target forward, draft/target seconds")
         rw.set_attr(model, "hfaccel_draft", draft, target="hfaccel_draft", label=label)
@@ -293,7 +299,8 @@ def plan_speculative(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         widths = " ".join(f"{w}:{c * 1e3:.1f}" for w, c in enumerate(cost) if w)
         rw.set_attr(model, "generate", make_generate(model, draft, spec, stats, policy), target="generate",
                     label=f"speculative generate() ({spec.draft or 'draft model'}, up to {max_k} "
-                          f"draft tokens, {adapt}; verify ms by width {widths}; draft token {draft_cost * 1e3:.1f} ms)")
+                          f"draft tokens, {adapt}; batch 1 verify ms by width {widths}; draft token "
+                          f"{draft_cost * 1e3:.1f} ms; other batch sizes measured at their first call)")
 
     most = spec.num_draft_tokens or ("10" if spec.draft == "prompt-lookup" else "5")
     return Plan("speculative", apply, f"speculative decoding (draft={what}, up to {most} tokens, "

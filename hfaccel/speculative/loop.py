@@ -40,6 +40,7 @@ class SpecStats:
     row_steps: int = 0               # (verify step, live row) pairs
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
+    calibration_seconds: float = 0.0   # verify cost tables measured at the first call of a batch size
     last: dict = field(default_factory=dict)
 
     @property
@@ -135,16 +136,31 @@ class DraftPolicy:
     MAX_INTERVAL = 16
 
     def __init__(self, max_k: int, adaptive: bool, cost: list[float] | None = None, draft_cost: float = 0.0,
-                 prior: float = 0.7):
+                 prior: float = 0.7, measure=None):
         self.max_k, self.adaptive = max_k, adaptive
         # seconds per verify width (cost[0] unused) and per draft token; without a measurement every width
         # counts the same and the draft's time is left out
         self.cost = list(cost) if cost else [1.0] * (max_k + 2)
         self.draft_cost = draft_cost if cost else 0.0
+        # measure(batch) -> (cost, draft_cost): verify cost depends on batch x width (the matmuls' M), so
+        # each batch bucket (1, 2, 4, 8, 16+) gets its own table, measured at its first call
+        self.measure = measure
+        self.tables: dict[int, tuple[list[float], float]] = {1: (self.cost, self.draft_cost)} if cost else {}
+        self.measure_seconds = 0.0
         self.prior = prior
         self.alpha: dict = {}
         self.idle: dict = {}
         self.interval: dict = {}
+
+    def use_batch(self, batch: int) -> None:
+        if self.measure is None:
+            return
+        bucket = min(16, 1 << max(0, batch - 1).bit_length())
+        if bucket not in self.tables:
+            t = time.perf_counter()
+            self.tables[bucket] = self.measure(bucket)
+            self.measure_seconds += time.perf_counter() - t
+        self.cost, self.draft_cost = self.tables[bucket]
 
     def _best(self, top: int, a: float) -> int:
         a = min(max(a, 0.0), 0.99)
@@ -240,6 +256,7 @@ class Verifier:
                            history=[row[m].tolist() + [int(t)] for row, m, t in zip(ids, cols, last)])
         self.draft.begin(state)
         policy = self.policy
+        policy.use_batch(b)
         while not bool(done.all()):
             room = int((new - produced)[~done].max())          # tokens the neediest live row may still take
             free = self.draft.free
