@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .cache.paged import PagedCache
+from .compat import CACHE_KWARGS, given_cache, output_cache
 from .registry import Plan, register_feature
 from .report import Skip
 
@@ -173,13 +174,13 @@ def _setting(model, kwargs: dict, name: str):
 
 def why_not(model: nn.Module, kwargs: dict) -> str | None:
     """Why the compiled step cannot reproduce this generate() call exactly; None when it can."""
-    if kwargs.get("past_key_values") is not None or kwargs.get("custom_generate") is not None \
+    if given_cache(kwargs) is not None or kwargs.get("custom_generate") is not None \
             or _setting(model, kwargs, "use_cache") is False:
         return "the call brings its own cache or disables it"
     impl = _setting(model, kwargs, "cache_implementation")
     if impl not in (None, "dynamic", "static"):
         return f"cache_implementation={impl!r}"
-    others = set(kwargs) - _PASS_KWARGS - _LENGTH_KWARGS - {"past_key_values", "custom_generate",
+    others = set(kwargs) - _PASS_KWARGS - _LENGTH_KWARGS - {*CACHE_KWARGS, "custom_generate",
                                                             "cache_implementation"}
     unknown = sorted(k for k in others if k not in _DEFAULTS)
     if unknown:
@@ -475,7 +476,7 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
             if streamer is not None:
                 streamer.put(prompt.cpu())
             out = original(**call)                       # prefill + first token: Transformers' own code
-            cache = out.past_key_values
+            cache = output_cache(out)
             try:
                 if cache is None or out.sequences.shape[1] != prompt.shape[1] + 1:
                     return fallback("prefill returned no cache", args, kwargs)

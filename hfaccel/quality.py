@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import cache_arg
 from .data import encode, held_out_text
 
 
@@ -38,7 +39,7 @@ def perplexity(model: nn.Module, tokenizer=None, *, text: str | None = None, win
             from .cache.feature import new_cache
 
             cache = new_cache(model)
-            parts = [model(row[None, i:i + chunk], past_key_values=cache, use_cache=True).logits[0]
+            parts = [model(row[None, i:i + chunk], **cache_arg(model, cache), use_cache=True).logits[0]
                      for i in range(0, window, chunk)]
             if hasattr(cache, "release"):
                 cache.release()

@@ -21,6 +21,7 @@ import torch
 
 from .. import models
 from ..api import accelerate_model
+from ..compat import output_cache
 from ..data import encode, held_out_text
 from .metrics import TokenTimer
 
@@ -84,7 +85,7 @@ def memory_accounting(plain, accel, ids: torch.Tensor, mask: torch.Tensor, new: 
     for name, model, extra in (("DynamicCache", plain, {}), ("StaticCache", plain, {"cache_implementation": "static"}),
                                ("paged", accel, {})):
         out = model.generate(ids, **kw, **extra)
-        cache = out.past_key_values
+        cache = output_cache(out)
         if name == "paged":
             slot = accel.hfaccel_kv_pool.bytes_per_slot
             reserved, live = cache.reserved_tokens * slot, cache.live_tokens * slot

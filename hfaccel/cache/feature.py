@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compat import cache_arg, given_cache, output_cache
 from ..registry import Plan, register_feature
 from ..report import Skip
 from . import attention as paged_attention
@@ -73,7 +74,7 @@ def measured_kv_sqnr(model: nn.Module, tokens: int = 128) -> float:
     ids = encode(None, held_out_text()[:tokens], model.config.vocab_size)[:tokens]
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    model(torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+    model(torch.tensor([ids], device=device), **cache_arg(model, cache), use_cache=True)
     sig = err = 0.0
     for layer in cache.layers:
         for t in (layer.keys, layer.values):
@@ -93,7 +94,7 @@ def _generation_setting(model, kwargs: dict, name: str):
 
 def leaves_cache_to_generate(model, kwargs: dict) -> bool:
     """True when this generate() call would get Transformers' default DynamicCache."""
-    if kwargs.get("past_key_values") is not None or kwargs.get("custom_generate") is not None:
+    if given_cache(kwargs) is not None or kwargs.get("custom_generate") is not None:
         return False
     if _generation_setting(model, kwargs, "use_cache") is False:
         return False
@@ -152,8 +153,8 @@ def make_generate(model, pool: KVPool, reuse: bool, mode: str):
                                   _generation_setting(model, kwargs, "num_return_sequences") or 1))
             returned = False
             try:
-                out = original(*args, past_key_values=cache, **kwargs)
-                returned = getattr(out, "past_key_values", None) is cache
+                out = original(*args, **cache_arg(model, cache), **kwargs)
+                returned = output_cache(out) is cache
                 return out
             finally:
                 if not returned:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..compat import cache_arg
+
 
 @dataclass
 class DraftState:
@@ -109,7 +111,7 @@ class ModelDraft(Draft):
         self.cache = DynamicCache(config=self.model.config)
 
     def _forward(self, ids, mask, positions):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_arg(self.model, self.cache),
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 

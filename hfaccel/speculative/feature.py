@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..cache.paged import PagedCache
+from ..compat import cache_arg
 from ..compile import _eos_and_pad, _new_token_budget, _setting, why_not
 from ..errors import ConfigError
 from ..registry import Plan, register_feature
@@ -184,7 +185,7 @@ def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: in
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, context + max_width), generator=g).to(dev)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :context], **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     cost = [0.0]
     for w in range(1, max_width + 1):
@@ -192,7 +193,7 @@ def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: in
         for _ in range(reps + 1):
             sync()
             t = time.perf_counter()
-            model(input_ids=ids[:, context:context + w], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, context:context + w], **cache_arg(model, cache), use_cache=True)
             sync()
             times.append(time.perf_counter() - t)
             cache.crop(-w)

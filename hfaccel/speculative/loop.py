@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compat import cache_arg
 from .drafts import Draft, DraftState
 
 
@@ -210,7 +211,7 @@ class Verifier:
 
     def _forward(self, ids, mask, positions, keep: int | None = None):
         t = time.perf_counter()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_arg(self.model, self.cache),
                          use_cache=True, logits_to_keep=keep or 0)
         self.stats.target_seconds += time.perf_counter() - t
         return out.logits

@@ -1,0 +1,41 @@
+"""Small shims over Transformers versions.
+
+transformers 5.24 renamed the cache argument of model forward() from `past_key_values` to `cache` (the old
+name warns and goes away in 5.40). Code that calls forward() itself passes `**cache_arg(model, cache)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_arg(model, cache) -> dict:
+    """{name: cache} for model.forward, with the name this Transformers version takes."""
+    return {_cache_name(type(model)): cache}
+
+
+CACHE_KWARGS = ("past_key_values", "cache")
+
+
+def given_cache(kwargs: dict):
+    """The cache a generate()/forward() call brings, under either name (None when it brings none)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def output_cache(out):
+    """The cache a generate() output carries (`cache` from 5.24 on, `past_key_values` before)."""
+    for name in ("cache", "past_key_values"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    return None
