@@ -194,6 +194,8 @@ class FusionConfig(_Section):
     gate_up: bool = _opt(True, doc="one GEMM for gate and up projections")
     rms_norm: bool = _opt(True, doc="fused RMSNorm with the residual add")
     rope: bool = _opt(True, doc="fused rotary embedding")
+    weight_layout: bool = _opt(False, doc="column-major fp32 Linear weights on CPU where a one-token GEMV runs "
+                                          "faster (measured per shape; sums in another order)")
 
 
 @dataclass(frozen=True)
