@@ -190,10 +190,12 @@ class KVCacheConfig(_Section):
 @dataclass(frozen=True)
 class FusionConfig(_Section):
     section: ClassVar[str] = "fusion"
-    qkv: bool = _opt(True, doc="one GEMM for q, k, v")
-    gate_up: bool = _opt(True, doc="one GEMM for gate and up projections")
-    rms_norm: bool = _opt(True, doc="fused RMSNorm with the residual add")
-    rope: bool = _opt(True, doc="fused rotary embedding")
+    qkv: bool = _opt(True, doc="one GEMM for q, k, v (weights become views of one tensor)")
+    gate_up: bool = _opt(True, doc="one GEMM for gate and up projections, then act(gate) * up")
+    rms_norm: bool = _opt(True, doc="RMSNorm as one op (F.rms_norm) where it is bit-identical; the residual add "
+                                     "stays separate")
+    rope: bool = _opt(True, doc="fused rotary embedding: reported as not available in eager mode (the compiled "
+                                 "step fuses it)")
     weight_layout: bool = _opt(False, doc="column-major fp32 Linear weights on CPU where a one-token GEMV runs "
                                           "faster (measured per shape; sums in another order)")
 

@@ -13,17 +13,19 @@ from .registry import UNAVAILABLE, register_feature
 from .report import Skip
 
 
-def _pending(name: str, stage: str, asked: Callable[[object], str | None]) -> None:
+def _pending(name: str, stage: str, asked: Callable[[object, object], str | None]) -> None:
     def planner(model, ctx, cfg):
-        what = asked(cfg)
+        what = asked(ctx, cfg)
         return None if what is None else Skip(name, what, UNAVAILABLE)
 
     register_feature(name, stage=stage)(planner)
 
 
-def _fusion(cfg) -> str | None:
-    on = [k for k in ("qkv", "gate_up", "rms_norm", "rope") if getattr(cfg.fusion, k)]
-    return f"fused kernels ({', '.join(on)})" if on else None
+def _rope(ctx, cfg) -> str | None:
+    if ctx.spec is not None and ctx.spec.rotary == "none":
+        return None
+    return ("fused rotary embedding in eager mode (the compiled decode step fuses it; fusion.py fuses "
+            "q/k/v, gate/up and RMSNorm)") if cfg.fusion.rope else None
 
 
-_pending("fuse", "fuse", _fusion)
+_pending("fuse_rope", "fuse", _rope)
