@@ -14,9 +14,11 @@ from .errors import AccelError, ConfigError, HfaccelError, MissingDependencyErro
 from .report import AccelReport, Change, Skip  # noqa: E402
 from .integrations.wrapper import patch_transformers, unpatch_transformers  # noqa: E402
 from .quant.formats import load_quantized, save_quantized  # noqa: E402
+from .batching import Engine, GenerationResult, SamplingParams, generate_batch  # noqa: E402
 
 __all__ = [
-    "AccelConfig", "AccelError", "AccelReport", "Change", "ConfigError", "HfaccelError", "MissingDependencyError",
-    "RevertError", "Skip", "__version__", "accelerate_model", "list_presets", "load_quantized", "models",
+    "AccelConfig", "AccelError", "AccelReport", "Change", "ConfigError", "Engine", "GenerationResult", "HfaccelError",
+    "MissingDependencyError", "RevertError", "SamplingParams", "Skip", "__version__", "accelerate_model",
+    "generate_batch", "list_presets", "load_quantized", "models",
     "patch_transformers", "resolve_config", "revert_model", "save_quantized", "unpatch_transformers",
 ]
