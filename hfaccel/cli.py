@@ -51,11 +51,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.workload == "kv-cache":
         return cmd_bench_kv(args)
+    if args.workload == "mixed":
+        return cmd_bench_mixed(args)
 
     from .bench.output import correctness_line, render_table, write_json, write_plot
     from .bench.runner import BenchSettings, run_bench, total_steps
 
-    settings = BenchSettings(model=args.model, preset=args.preset or args.config, batch=args.batch,
+    settings = BenchSettings(model=args.model, preset=args.preset or args.config, batch=args.batch or [1],
                              prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                              threads=args.threads, device=args.device, compare=args.compare or [],
                              ppl_windows=args.ppl_windows)
@@ -95,6 +97,37 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
             json.dump(result, f, indent=2)
         out.print(f"wrote {args.json}")
     return 0
+
+
+def cmd_bench_mixed(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench.mixed import MixedBenchSettings, render, run_mixed_bench
+
+    if args.config:
+        raise ValueError("--workload mixed takes --preset (the hfaccel system's preset), not --config")
+    lo, hi = args.prompt_range
+    nlo, nhi = args.new_range
+    s = MixedBenchSettings(model=args.model, preset=args.preset or "cpu-fast", requests=args.requests,
+                           prompt_min=lo, prompt_max=hi, new_min=nlo, new_max=nhi,
+                           batch=args.batch[0] if args.batch else 16,
+                           token_budget=args.token_budget, systems=args.systems, threads=args.threads, seed=args.seed)
+    with err.status("bench mixed: loading") as status:
+        result = run_mixed_bench(s, lambda label: status.update(f"bench mixed: {label}"))
+    for table in render(result):
+        out.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        out.print(f"wrote {args.json}")
+    return 0
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.isdigit() or not hi.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range; allowed: MIN-MAX, e.g. 16-512")
+    return int(lo), int(hi)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -169,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark plain Transformers against hfaccel on the same prompts")
     _add_model_args(p)
-    p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes for throughput, e.g. 1,4")
+    p.add_argument("--batch", type=_int_list, default=None,
+                   help="batch sizes for throughput, e.g. 1,4 (default 1); mixed: static batch size and the "
+                        "engines' concurrent requests (default 16)")
     p.add_argument("--prompt-tokens", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="batch-1 latency runs per system")
@@ -180,9 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the figures (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--workload", default="latency", choices=("latency", "kv-cache"),
+    p.add_argument("--workload", default="latency", choices=("latency", "kv-cache", "mixed"),
                    help="latency: plain vs accelerated generate (default); kv-cache: prefix-reuse TTFT, KV memory "
-                        "accounting on a mixed-length batch, long-context decode TPOT")
+                        "accounting on a mixed-length batch, long-context decode TPOT; mixed: a seeded serving "
+                        "workload, hfaccel.generate_batch vs static batches and Transformers' continuous batching")
+    p.add_argument("--requests", type=int, default=64, help="mixed: number of requests")
+    p.add_argument("--prompt-range", type=_range, default=(16, 512), help="mixed: prompt tokens MIN-MAX")
+    p.add_argument("--new-range", type=_range, default=(16, 256), help="mixed: new tokens MIN-MAX")
+    p.add_argument("--token-budget", type=int, default=512, help="mixed: hfaccel tokens per step")
+    p.add_argument("--systems", type=lambda t: t.split(","), default=["static", "transformers-cb", "hfaccel"],
+                   help="mixed: systems to run, from static,transformers-cb,hfaccel (the first is the baseline)")
+    p.add_argument("--seed", type=int, default=0, help="mixed: workload seed")
     p.add_argument("--prefix-tokens", type=int, default=1000, help="kv-cache: shared prefix length")
     p.add_argument("--long-context", type=int, default=2000, help="kv-cache: context for the TPOT measurement")
     p.add_argument("--kernels", type=lambda t: t.split(","), default=["gather", "compiled"],
