@@ -30,6 +30,8 @@ def test_wheel_contains_presets_and_patches(wheel):
     for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"):
         assert f"hfaccel/patches/{family}.yaml" in names
     assert not any(n.startswith(("patches/", "configs/", "tests/")) for n in names)   # no global packages
+    for init in (ROOT / "hfaccel").rglob("__init__.py"):            # every subpackage of the source tree ships
+        assert init.relative_to(ROOT).as_posix() in names, f"{init.parent.name} is missing from pyproject's packages"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "hfaccel = hfaccel.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
@@ -43,7 +45,7 @@ def test_installed_wheel_lists_presets_in_a_fresh_venv(wheel, tmp_path):
                    capture_output=True, text=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     where = subprocess.run([str(py), "-c", "import hfaccel, hfaccel.registry as r; print(hfaccel.__file__); "
-                                           "print(sorted(r.arch_specs()))"],
+                                           "print(sorted(r.arch_specs())); r.features()"],
                            cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
     assert str(env_dir) in where.splitlines()[0], f"imported the source tree, not the wheel: {where}"
     assert "'gpt2'" in where and "'llama'" in where
