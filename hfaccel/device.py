@@ -44,15 +44,20 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers, each storage counted once (tied weights are shared)."""
+    """Bytes of parameters and buffers, each storage counted once, whole (tied weights are shared; weights
+    that are views of one fused tensor count that tensor once)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.device.type != "meta" else (id(t), 0)
+        if t.device.type == "meta":
+            total += t.numel() * t.element_size()
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
         if key in seen:
             continue
         seen.add(key)
-        total += t.numel() * t.element_size()
+        total += storage.nbytes()
     return total
 
 

@@ -51,7 +51,8 @@ def test_greedy_equals_transformers_on_every_architecture(arch):
 
 def test_state_dict_save_and_reload_are_unchanged(tmp_path):
     model, ref = models.tiny("qwen2"), models.tiny("qwen2")       # qwen2: q/k/v with biases
-    hfaccel.accelerate_model(model, **EAGER)
+    report = hfaccel.accelerate_model(model, **EAGER)
+    assert report.weight_bytes_after == report.weight_bytes_before    # views of one tensor: no more, no less
     attn = model.model.layers[0].self_attn
     assert storage(attn.q_proj.bias) == storage(attn.v_proj.bias)
     want, got = ref.state_dict(), model.state_dict()
