@@ -369,6 +369,7 @@ def _apply(rw, groups, norms: list[str], plus_one: bool) -> None:
                   lambda undos=undos: [u() for u in reversed(undos)])
     if norms:
         done, differ = [], []
+        norm = None
         try:
             for name in norms:
                 norm = model.get_submodule(name)
@@ -385,7 +386,7 @@ def _apply(rw, groups, norms: list[str], plus_one: bool) -> None:
                 norm.forward = types.MethodType(fn, norm)
                 done.append(norm)
         except Exception:
-            _unfuse_norms(done)
+            _unfuse_norms(done + ([norm] if norm is not None else []))
             raise
         if done:
             left = (f"; {len(differ)} left as they were (not bit-identical or another forward signature, "
