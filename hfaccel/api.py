@@ -29,9 +29,18 @@ class _State:
 def _check_model(model: Any) -> None:
     from transformers import GenerationMixin, PreTrainedModel
 
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(model, nn.Module) and isinstance(inner, PreTrainedModel):
+        raise TypeError(f"accelerate_model got a torch.compile wrapper ({type(model).__name__}) around "
+                        f"{type(inner).__name__}; pass the model itself (wrapper._orig_mod) and let hfaccel's "
+                        f"compile: section compile the decode step")
     if not isinstance(model, PreTrainedModel) or not isinstance(model, GenerationMixin):
         raise TypeError(f"accelerate_model expects a loaded transformers causal LM (a PreTrainedModel with "
                         f"generate(), e.g. from AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(f"the model has {len(meta)} parameter(s) on the meta device (e.g. {meta[0]}): its weights "
+                         f"are not loaded; load them (from_pretrained, or load_state_dict(assign=True)) first")
 
 
 def plan_features(model: nn.Module, ctx: Context, cfg: AccelConfig) -> tuple[list[Plan], list[Skip]]:
@@ -76,6 +85,10 @@ def accelerate_model(model: nn.Module, config: Any = None, *, tokenizer: Any = N
     ctx = Context.detect(model)
     ctx.tokenizer, ctx.calibration, ctx.draft_model = tokenizer, calibration, draft_model
     plans, skips = plan_features(model, ctx, cfg)        # 2. plan: complete before the model is touched
+    if model.training:
+        warnings.warn("hfaccel: the model is in training mode; generate-time features apply, fused projections "
+                      "are refused (their fused weights would get no gradients); call model.eval() for "
+                      "inference", stacklevel=2)
 
     before = weight_bytes(model)
     rw = Rewriter(model)
