@@ -80,28 +80,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_kv(args: argparse.Namespace) -> int:
-    import json
-
     from .bench.kvcache import KVBenchSettings, render, run_kv_bench
 
     if args.preset or args.config:
         raise ValueError("--workload kv-cache measures the kv_cache feature alone; it takes no --preset/--config")
     s = KVBenchSettings(model=args.model, prefix_tokens=args.prefix_tokens, runs=min(args.runs, 5),
                         long_context=args.long_context, kernels=args.kernels, threads=args.threads)
-    with err.status("bench kv-cache: loading") as status:
-        result = run_kv_bench(s, lambda label: status.update(f"bench kv-cache: {label}"))
-    for table in render(result):
-        out.print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        out.print(f"wrote {args.json}")
-    return 0
+    return _run_workload("kv-cache", lambda tick: run_kv_bench(s, tick), render, args.json)
 
 
 def cmd_bench_mixed(args: argparse.Namespace) -> int:
-    import json
-
     from .bench.mixed import MixedBenchSettings, render, run_mixed_bench
 
     if args.config:
@@ -112,14 +100,21 @@ def cmd_bench_mixed(args: argparse.Namespace) -> int:
                            prompt_min=lo, prompt_max=hi, new_min=nlo, new_max=nhi,
                            batch=args.batch[0] if args.batch else 16,
                            token_budget=args.token_budget, systems=args.systems, threads=args.threads, seed=args.seed)
-    with err.status("bench mixed: loading") as status:
-        result = run_mixed_bench(s, lambda label: status.update(f"bench mixed: {label}"))
+    return _run_workload("mixed", lambda tick: run_mixed_bench(s, tick), render, args.json)
+
+
+def _run_workload(name: str, run, render, json_path: str | None) -> int:
+    """Run a bench workload under a status line, print its tables, write its JSON when asked."""
+    import json
+
+    with err.status(f"bench {name}: loading") as status:
+        result = run(lambda label: status.update(f"bench {name}: {label}"))
     for table in render(result):
         out.print(table)
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
-        out.print(f"wrote {args.json}")
+        out.print(f"wrote {json_path}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 
 import pytest
 import torch
@@ -61,3 +62,12 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
 def prompts(vocab: int, batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def run_threads(target, n: int, timeout: float) -> None:
+    """Run target(k) for k in 0..n-1 on n threads at once and wait for all of them."""
+    threads = [threading.Thread(target=target, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)

@@ -5,7 +5,6 @@ is per request and reproducible, stop strings, concurrent submit with cancellati
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 import hfaccel
 from hfaccel import models
 from hfaccel.batching import Engine, EngineCore, SamplingParams, generate_batch
+from tests.conftest import run_threads
 
 
 def workload(vocab: int, n: int = 10, longest: int = 60, seed: int = 0) -> list[list[int]]:
@@ -150,11 +150,7 @@ def test_concurrent_submit_from_four_threads_with_cancellations():
         except BaseException as e:      # noqa: BLE001 - surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    run_threads(client, 4, 300)
     engine.shutdown()
     assert not errors and engine.error is None and len(results) == len(prompts)
     cancelled = [i for i, r in results.items() if r.finish_reason == "cancelled"]

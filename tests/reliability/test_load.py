@@ -12,6 +12,7 @@ import hfaccel
 from hfaccel import models
 from hfaccel.batching import Engine
 from hfaccel.bench.metrics import current_rss
+from tests.conftest import run_threads
 
 from .conftest import TALLY
 
@@ -49,11 +50,7 @@ def test_engine_with_8_threads_1000_requests_and_cancellations():
         except BaseException as e:      # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
+    run_threads(client, 8, 600)
     engine.shutdown()
     TALLY["inputs"] += len(out)
     assert not errors and engine.error is None and len(out) == 1000
