@@ -39,3 +39,14 @@ def output_cache(out):
         if c is not None:
             return c
     return None
+
+
+def call_arguments(sig, args, kwargs) -> dict | None:
+    """The arguments of one generate() call by name, its **kwargs merged in; None when the call does not bind
+    (generate() itself then reports the bad call)."""
+    try:
+        given = dict(sig.bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return None
+    given.update(given.pop("kwargs", {}))
+    return given

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .cache.paged import PagedCache
-from .compat import CACHE_KWARGS, given_cache, output_cache
+from .compat import CACHE_KWARGS, call_arguments, given_cache, output_cache
 from .registry import Plan, register_feature
 from .report import Skip
 
@@ -452,11 +452,9 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        try:
-            given = dict(sig.bind_partial(*args, **kwargs).arguments)
-        except TypeError:
+        given = call_arguments(sig, args, kwargs)
+        if given is None:
             return original(*args, **kwargs)          # let generate() report the bad call itself
-        given.update(given.pop("kwargs", {}))
         reason = why_not(model, given)
         if reason is not None:
             return fallback(reason, args, kwargs)

@@ -71,3 +71,16 @@ def run_threads(target, n: int, timeout: float) -> None:
         t.start()
     for t in threads:
         t.join(timeout)
+
+
+class StreamRecorder:
+    """A generate() streamer that records every put() (as lists) and end()."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.tolist())
+
+    def end(self):
+        self.calls.append("end")

@@ -9,7 +9,7 @@ import torch
 import hfaccel
 from hfaccel import models
 from hfaccel.compile import BUCKET, step_attention, why_not
-from tests.conftest import greedy, needs_default_model, prompts
+from tests.conftest import StreamRecorder, greedy, needs_default_model, prompts
 
 
 def left_padded(vocab: int, lengths=(9, 14), seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,18 +83,8 @@ def test_streamer_gets_the_prompt_then_each_token_then_end():
     ids = prompts(ref.config.vocab_size, batch=1, length=8)
     new = ref.generate(ids, max_new_tokens=30, do_sample=False)[0, 8:]
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
-
-        def put(self, value):
-            self.calls.append(value.tolist())
-
-        def end(self):
-            self.calls.append("end")
-
     for kw in ({}, {"eos_token_id": int(new[5])}):
-        want, got = Recorder(), Recorder()
+        want, got = StreamRecorder(), StreamRecorder()
         a = ref.generate(ids, max_new_tokens=30, do_sample=False, streamer=want, **kw)
         b = model.generate(ids, max_new_tokens=30, do_sample=False, streamer=got, **kw)
         assert torch.equal(a, b) and got.calls == want.calls

@@ -13,7 +13,7 @@ from hfaccel import models
 from hfaccel.errors import ConfigError
 from hfaccel.speculative import DraftPolicy, PromptLookup, accept_sampled
 from hfaccel.speculative.drafts import DraftState
-from tests.conftest import needs_default_model
+from tests.conftest import StreamRecorder, needs_default_model
 
 DRAFTS = ("prompt-lookup", "layer-skip:1", "self-int8", "self-int4", "model-path", "draft_model")
 
@@ -124,17 +124,7 @@ def test_streamer_gets_the_prompt_then_each_token_then_end(tmp_path):
     model, ref, _ = accelerated("prompt-lookup", tmp_path)
     ids, _ = batch(ref.config.vocab_size, 1)
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
-
-        def put(self, value):
-            self.calls.append(value.tolist())
-
-        def end(self):
-            self.calls.append("end")
-
-    want, got = Recorder(), Recorder()
+    want, got = StreamRecorder(), StreamRecorder()
     a = ref.generate(ids, max_new_tokens=20, do_sample=False, streamer=want)
     b = model.generate(ids, max_new_tokens=20, do_sample=False, streamer=got)
     assert torch.equal(a, b) and got.calls == want.calls
