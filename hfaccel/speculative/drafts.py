@@ -12,6 +12,7 @@ the columns the target kept, and the next proposal first feeds whatever columns 
 
 from __future__ import annotations
 
+import abc
 import copy
 from dataclasses import dataclass
 
@@ -32,16 +33,16 @@ class DraftState:
     history: list[list[int]]      # per row: real prompt tokens + every emitted token
 
 
-class Draft:
+class Draft(abc.ABC):
     name = "draft"
     free = False          # proposing costs (next to) nothing: the loop may ask for more tokens at no charge
 
     def begin(self, state: DraftState) -> None:
         pass
 
+    @abc.abstractmethod
     def propose(self, state: DraftState, k: int, done: torch.Tensor, sampling=None):
         """(drafts [B, k] long, lengths [B] long, draft probabilities [B, k, V] or None when deterministic)."""
-        raise NotImplementedError
 
     def commit(self, state: DraftState) -> None:
         """The target has verified the last proposal; state now has its kept columns."""
