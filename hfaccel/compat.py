@@ -50,3 +50,20 @@ def call_arguments(sig, args, kwargs) -> dict | None:
         return None
     given.update(given.pop("kwargs", {}))
     return given
+
+
+def check_prompt(given: dict, device) -> None:
+    """Refuse, with what to do, a generate() prompt that is empty or on another device than the model."""
+    import torch
+
+    prompt = given.get("inputs")
+    if prompt is None:
+        prompt = given.get("input_ids")
+    if not isinstance(prompt, torch.Tensor) or given.get("inputs_embeds") is not None:
+        return
+    if prompt.device != torch.device(device):
+        raise ValueError(f"input_ids are on {prompt.device}, the model on {device}; move them first "
+                         f"(input_ids.to(model.device))")
+    if prompt.dim() == 2 and prompt.shape[1] == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {list(prompt.shape)}; give at least one token "
+                         f"(e.g. the tokenizer's bos_token_id)")

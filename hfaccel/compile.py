@@ -46,7 +46,13 @@ import torch
 from torch import nn
 
 from .cache.paged import PagedCache
-from .compat import CACHE_KWARGS, call_arguments, given_cache, output_cache
+from .compat import (
+    CACHE_KWARGS,
+    call_arguments,
+    check_prompt,
+    given_cache,
+    output_cache,
+)
 from .registry import Plan, register_feature
 from .report import Skip
 
@@ -455,6 +461,7 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
         given = call_arguments(sig, args, kwargs)
         if given is None:
             return original(*args, **kwargs)          # let generate() report the bad call itself
+        check_prompt(given, model.device)
         reason = why_not(model, given)
         if reason is not None:
             return fallback(reason, args, kwargs)

@@ -76,6 +76,9 @@ class EngineCore:
                 raise ValueError("a text prompt needs a tokenizer: pass tokenizer= or give token ids")
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         elif isinstance(prompt, torch.Tensor):
+            if prompt.device.type == "meta" or prompt.is_floating_point():
+                raise ValueError(f"a tensor prompt must hold token ids (an integer tensor with data); got "
+                                 f"{prompt.dtype} on {prompt.device}")
             if prompt.dim() != 1 and not (prompt.dim() == 2 and prompt.shape[0] == 1):
                 raise ValueError(f"a tensor prompt must be 1-D token ids (or [1, T]); got shape {list(prompt.shape)}")
             ids = prompt.reshape(-1).tolist()

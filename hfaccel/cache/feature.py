@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..compat import cache_arg, given_cache, output_cache
+from ..compat import cache_arg, check_prompt, given_cache, output_cache
 from ..registry import Plan, register_feature
 from ..report import Skip
 from . import attention as paged_attention
@@ -133,10 +133,7 @@ def make_generate(model, pool: KVPool, reuse: bool, mode: str):
         if prompt is None:
             prompt = kwargs.get("input_ids")
         mask = kwargs.get("attention_mask")
-        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[1] == 0 and \
-                kwargs.get("inputs_embeds") is None:
-            raise ValueError(f"empty prompt: input_ids has shape {list(prompt.shape)}; give at least one token "
-                             f"(e.g. the tokenizer's bos_token_id)")
+        check_prompt({**kwargs, "inputs": prompt}, pool.keys.device)
         usable = isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and not prompt.is_floating_point()
         rows, per_row = _rows_and_tokens(model, kwargs, prompt if usable else None, mask)
         with lock:

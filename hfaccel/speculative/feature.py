@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..cache.paged import PagedCache
-from ..compat import cache_arg, call_arguments
+from ..compat import cache_arg, call_arguments, check_prompt
 from ..compile import _eos_and_pad, _new_token_budget, _setting, why_not
 from ..errors import ConfigError
 from ..registry import Plan, register_feature
@@ -118,6 +118,7 @@ def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats, policy
         given = call_arguments(sig, args, kwargs)
         if given is None:
             return original(*args, **kwargs)
+        check_prompt(given, model.device)
         if given.get("inputs") is not None and given.get("input_ids") is None:
             given["input_ids"] = given.pop("inputs")
         if given.get("attention_mask") is None and isinstance(given.get("input_ids"), torch.Tensor):

@@ -88,3 +88,14 @@ def test_bad_sampling_settings_name_the_value():
                         ({"max_new_tokens": 0}, "max_new_tokens = 0"), ({"beams": 2}, r"unknown sampling setting")):
         with pytest.raises(ValueError, match=message):
             hfaccel.generate_batch(model, [[4, 5]], **kw)
+
+
+def test_inputs_on_another_device_or_of_the_wrong_kind(accelerated):
+    TALLY["inputs"] += 3
+    with pytest.raises(ValueError, match=r"input_ids are on meta, the model on cpu; move them first"):
+        accelerated.generate(torch.ones(1, 4, dtype=torch.long, device="meta"), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"a tensor prompt must hold token ids .* got torch.int64 on meta"):
+        hfaccel.generate_batch(accelerated, [torch.ones(4, dtype=torch.long, device="meta")], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"got torch.float32 on cpu"):
+        hfaccel.generate_batch(accelerated, [torch.ones(4)], max_new_tokens=2)
+    usable(accelerated)
