@@ -1,4 +1,4 @@
-"""`hfaccel bench | demo | presets | eval`."""
+"""`hfaccel bench | demo | presets | eval | export | run`."""
 
 from __future__ import annotations
 
@@ -188,6 +188,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    group = args.group_size if args.group_size == "auto" else int(args.group_size)
+    result = export_model(args.model_dir, args.out_dir, args.format, group_size=group, sym=not args.asym,
+                          dtype=args.dtype, calibration_samples=args.calibration_samples,
+                          calibration_seq_len=args.calibration_seq_len, quantize_lm_head=args.quantize_lm_head,
+                          max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite,
+                          log=lambda msg: err.print(f"[dim]{msg}[/]"))
+    out.print(result.report)
+    out.print(result.summary())
+    out.print(f"files: {', '.join(result.files)}")
+    return 0
+
+
+def _group(text: str) -> str:
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a group size; allowed: auto, 32, 64, 128")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfaccel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="quantize a model with calibration and write a GPTQ or AWQ checkpoint that "
+                                      "vLLM, Transformers + GPT-QModel and hfaccel load")
+    p.add_argument("model_dir", help="a model folder, 'default' or 'tiny:<arch>'")
+    p.add_argument("out_dir", help="the folder to write (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--format", required=True, choices=("gptq", "awq"))
+    p.add_argument("--group-size", type=_group, default="auto",
+                   help="32, 64, 128 or auto: the largest that divides every layer's in_features (default)")
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero points); default symmetric")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"),
+                   help="dtype of every unquantized tensor and of the config (default float16, what vLLM's GPTQ "
+                        "and AWQ kernels run in)")
+    p.add_argument("--calibration-samples", type=int, default=128)
+    p.add_argument("--calibration-seq-len", type=int, default=512)
+    p.add_argument("--quantize-lm-head", action="store_true", help="gptq only: quantize the head too")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights into files of at most this")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="quality measures")
     esub = p.add_subparsers(dest="what", required=True)

@@ -127,7 +127,11 @@ def load(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs).eval()
-    return model, AutoTokenizer.from_pretrained(name)
+    has_tokenizer = any((Path(name) / f).is_file() for f in _TOKENIZER_FILES)
+    return model, AutoTokenizer.from_pretrained(name) if has_tokenizer else None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 # --- tiny random models ----------------------------------------------------------------------------

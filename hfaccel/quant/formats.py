@@ -153,12 +153,23 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, in_feature
 
 # --- whole models -------------------------------------------------------------------------------------
 
-def save_quantized(model, path: str | Path, fmt: str = "gptq") -> Path:
-    """Write `model` (with hfaccel Int4Linear layers) as a GPTQ or AWQ checkpoint folder."""
+def save_quantized(model, path: str | Path, fmt: str = "gptq", *, dtype: torch.dtype | None = None,
+                   max_shard_bytes: int | None = None) -> Path:
+    """Write `model` (with hfaccel Int4Linear layers) as a GPTQ or AWQ checkpoint folder.
+
+    dtype: cast every floating tensor outside the quantized layers to this dtype and record it as the
+    config's dtype (serving engines run GPTQ / AWQ kernels in float16; None keeps the model's dtypes).
+    max_shard_bytes: split model.safetensors into model-0000i-of-0000n.safetensors files of at most this
+    size plus model.safetensors.index.json, as Transformers' save_pretrained does (None: one file).
+    """
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {dtype} is not allowed; allowed: torch.float16, torch.bfloat16, torch.float32")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes = {max_shard_bytes} is not allowed; allowed: >= 1 or None")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
     if not layers:
         raise CheckpointError("the model has no Int4Linear layer: quantize it first "
@@ -180,25 +191,60 @@ def save_quantized(model, path: str | Path, fmt: str = "gptq") -> Path:
         if ptr in seen and getattr(model.config, "tie_word_embeddings", False):
             continue                                   # a tied head: Transformers re-ties it on load
         seen[ptr] = key
-        tensors[key] = t.detach().cpu().contiguous()
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[key] = t.contiguous()
     qc: dict[str, Any] = {"quant_method": fmt, "bits": 4, "group_size": group,
                           "sym": all(bool((m.zeros == 0).all()) for m in layers.values())}
+    head = model.get_output_embeddings()
     if fmt == "gptq":
-        qc.update(desc_act=False, checkpoint_format="gptq", static_groups=True, true_sequential=True)
+        qc.update(desc_act=False, checkpoint_format="gptq", static_groups=True, true_sequential=True,
+                  lm_head=isinstance(head, Int4Linear))
     else:
         qc.update(version="gemm", zero_point=True)
     config = model.config.to_dict()
     config["quantization_config"] = qc
-    head = model.get_output_embeddings()
+    config["architectures"] = [type(model).__name__]    # serving engines pick the model class by this name
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
     if isinstance(head, Int4Linear):
         config["tie_word_embeddings"] = False          # the head is its own quantized copy
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: tensors[n] for n in names}, str(out / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int | None) -> list[list[str]]:
+    """Tensor names split into consecutive groups of at most `limit` bytes (a bigger tensor gets its own)."""
+    if limit is None:
+        return [list(tensors)]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
 
 
 def read_quant_config(path: Path) -> dict[str, Any]:
@@ -229,7 +275,19 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    index_file = path / "model.safetensors.index.json"
+    weight_map: dict[str, str] = {}
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file.name} is not a safetensors index ({type(e).__name__}: {e})") from e
+        absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if absent:
+            raise CheckpointError(f"{index_file.name} names shard(s) that are missing: {', '.join(absent)}")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         if pickled:
@@ -242,6 +300,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             tensors.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f.name} is not a readable safetensors file ({e})") from e
+    lost = [name for name in weight_map if name not in tensors]
+    if lost:
+        raise CheckpointError(f"{index_file.name} lists tensors that no shard holds: {', '.join(lost[:5])}")
     return tensors
 
 
