@@ -44,6 +44,11 @@ def plan_dtype(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     name = str(target).removeprefix("torch.")
     if target == ctx.dtype:
         return Skip("dtype", f"{why}; the model is already {name}")
+    if ctx.placement and ctx.placement.offloaded:
+        ctx.target_dtype = ctx.dtype
+        return Skip("dtype", f"{why}; not cast: {len(ctx.placement.offloaded)} modules are offloaded and accelerate "
+                             f"loads their weights in the stored dtype; load with from_pretrained(dtype={name}) "
+                             f"instead")
     if target == torch.float16 and ctx.device.type == "cpu":
         why += " (float16 matmuls are slow on most CPUs)"
     notes = []

@@ -43,6 +43,7 @@ class AccelReport:
     noop: bool = False
     notes: list[str] = field(default_factory=list)
     hfaccel_version: str = ""
+    placement: list[str] = field(default_factory=list)   # device_map models: where each module lives
 
     @property
     def lossless(self) -> bool:
@@ -93,6 +94,7 @@ class AccelReport:
         if self.skipped:
             parts.append(skipped)
         parts.append(mem)
+        parts.extend(f"[dim]placement:[/] {line}" for line in self.placement)
         parts.extend(f"[dim]note:[/] {n}" for n in self.notes)
         return Group(*parts)
 

@@ -101,6 +101,13 @@ class Rewriter:
         parent_path, _, name = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         old = parent.get_submodule(name)
+        hook = getattr(old, "_hf_hook", None)
+        if hook is not None:
+            # a device_map model: the replacement keeps accelerate's input/output device alignment (offloaded
+            # modules are never swapped, see hfaccel.placement)
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(new, hook)
         setattr(parent, name, new)
         change = self.record(path, type(old).__name__, label or type(new).__name__,
                              lambda: setattr(parent, name, old), lossless=lossless)
