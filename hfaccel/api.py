@@ -12,6 +12,7 @@ from . import __version__
 from .config import AccelConfig, resolve_config
 from .device import Context, weight_bytes
 from .errors import AccelError, RevertError
+from .placement import adapter_layers
 from .registry import Plan, features
 from .report import AccelReport, Change, Skip
 from .rewrite import Rewriter
@@ -26,6 +27,20 @@ class _State:
     report: AccelReport
 
 
+def _unwrap_peft(model: Any) -> tuple[Any, str | None]:
+    """(the Transformers model to rewrite, a note) for a PEFT model (PeftModel, PeftModelForCausalLM: adapters
+    injected, not merged); (model, None) for anything else."""
+    if not type(model).__module__.startswith("peft.") or not callable(getattr(model, "get_base_model", None)):
+        return model, None
+    base = model.get_base_model()
+    adapters = adapter_layers(base)
+    kinds = sorted({type(base.get_submodule(p)).__module__.split(".")[-2] for p in adapters})
+    note = (f"PEFT {type(model).__name__}: accelerated the {type(base).__name__} inside it; {len(adapters)} adapter "
+            f"layers ({', '.join(kinds) or '-'}) are left as they are - fusion and quantization skip them "
+            f"(model.merge_and_unload() first to include them)")
+    return base, note
+
+
 def _check_model(model: Any) -> None:
     from transformers import GenerationMixin, PreTrainedModel
 
@@ -37,7 +52,11 @@ def _check_model(model: Any) -> None:
     if not isinstance(model, PreTrainedModel) or not isinstance(model, GenerationMixin):
         raise TypeError(f"accelerate_model expects a loaded transformers causal LM (a PreTrainedModel with "
                         f"generate(), e.g. from AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    from .placement import Placement
+
+    placement = Placement.detect(model)
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"
+            and not (placement and placement.is_offloaded(n.rpartition(".")[0]))]
     if meta:
         raise ValueError(f"the model has {len(meta)} parameter(s) on the meta device (e.g. {meta[0]}): its weights "
                          f"are not loaded; load them (from_pretrained, or load_state_dict(assign=True)) first")
@@ -72,6 +91,7 @@ def accelerate_model(model: nn.Module, config: Any = None, *, tokenizer: Any = N
     (instead of speculative.draft).
     """
     cfg = resolve_config(config, **overrides)           # 1. resolve: ConfigError before any change
+    model, peft_note = _unwrap_peft(model)
     _check_model(model)
     state: _State | None = model.__dict__.get(_STATE)
     if state is not None:
@@ -103,12 +123,12 @@ def accelerate_model(model: nn.Module, config: Any = None, *, tokenizer: Any = N
                              f"the model was restored to its prior state", step=plan.feature) from e
     rw.commit()
 
-    notes = [n for p in plans for n in p.notes]          # 4. report
+    notes = [n for p in plans for n in p.notes] + ([peft_note] if peft_note else [])   # 4. report
     report = AccelReport(
         config_name=cfg.name, config=cfg.to_dict(), device=ctx.describe(), architecture=ctx.model_type,
         spec=ctx.spec.family if ctx.spec else None, changes=rw.changes, skipped=skips,
         weight_bytes_before=before, weight_bytes_after=weight_bytes(model), notes=notes,
-        hfaccel_version=__version__)
+        hfaccel_version=__version__, placement=ctx.placement.describe() if ctx.placement else [])
     model.__dict__[_STATE] = _State(cfg, rw, report)
     model.__dict__["hfaccel_report"] = report
     return report
@@ -121,6 +141,7 @@ def revert_model(model: nn.Module, *, strict: bool = True) -> list[Change]:
     (pass keep_original=True when accelerating to make those reversible). strict=False undoes what it
     can and returns the rest.
     """
+    model, _ = _unwrap_peft(model)
     state: _State | None = model.__dict__.get(_STATE)
     if state is None:
         return []

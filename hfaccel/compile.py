@@ -518,6 +518,14 @@ def _compile_problem(model: nn.Module, cfg) -> str | None:
         return f"{type(model).__name__} builds its own cache"
     if cfg.kv_cache.dtype == "int8":
         return "the decode buffer keeps K/V in the model dtype; kv_cache.dtype int8 decodes through the paged loop"
+    if isinstance(getattr(model, "tp_size", None), int) and model.tp_size > 1:
+        return f"tensor parallel ({model.tp_size} ranks): the step is not traced through the all_reduce collectives"
+    from .placement import Placement
+
+    placement = Placement.detect(model)
+    if placement and placement.hooked:
+        return ("the model is dispatched with accelerate hooks (device_map); torch.compile would trace their "
+                "device moves and weight loads as graph breaks")
     layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
     if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
         return f"layer types {sorted(set(layer_types))}: the step handles full and sliding attention only"

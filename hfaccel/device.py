@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .placement import Placement
 from .registry import ArchSpec, spec_for
 
 
@@ -45,10 +46,12 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers, each storage counted once, whole (tied weights are shared; weights
-    that are views of one fused tensor count that tensor once)."""
+    that are views of one fused tensor count that tensor once). Tensor-parallel models: this rank's shards."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if hasattr(t, "to_local"):                    # a tensor-parallel DTensor: this rank's shard
+            t = t.to_local()
         if t.device.type == "meta":
             total += t.numel() * t.element_size()
             continue
@@ -73,6 +76,8 @@ class Context:
     tokenizer: Any = None              # accelerate_model(tokenizer=...), for calibration
     calibration: Any = None            # accelerate_model(calibration=...): text, list of strings, Dataset
     draft_model: Any = None            # accelerate_model(draft_model=...): a loaded draft for speculative decoding
+    placement: Placement | None = None  # device_map / offload hooks (None: one device, no hooks)
+    tp_rank: tuple[int, int] | None = None   # (rank, world size) of a tensor-parallel model
 
     @classmethod
     def detect(cls, model: nn.Module) -> "Context":
@@ -80,11 +85,22 @@ class Context:
         dtype = model_dtype(model)
         spec, problem = spec_for(model)
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        return cls(device, dtype, str(getattr(model.config, "model_type", "?")), spec, problem, native, dtype)
+        placement = Placement.detect(model)
+        if placement and placement.execution_devices:
+            device = torch.device(sorted(placement.execution_devices)[0]) if device.type == "meta" else device
+        tp = getattr(model, "tp_size", None)
+        tp_rank = None
+        if isinstance(tp, int) and tp > 1:
+            import torch.distributed as dist
+
+            tp_rank = (dist.get_rank() if dist.is_initialized() else 0, tp)
+        return cls(device, dtype, str(getattr(model.config, "model_type", "?")), spec, problem, native, dtype,
+                   placement=placement, tp_rank=tp_rank)
 
     def describe(self) -> str:
+        tp = f", tensor-parallel rank {self.tp_rank[0]} of {self.tp_rank[1]}" if self.tp_rank else ""
         if self.device.type == "cuda":
-            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}){tp}"
         caps = torch.backends.cpu.get_cpu_capability()
         bf16 = ", native bf16" if self.native_bf16 else ""
-        return f"cpu ({caps}{bf16}, {torch.get_num_threads()} threads)"
+        return f"cpu ({caps}{bf16}, {torch.get_num_threads()} threads){tp}"

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layout  # noqa: F401  (weight_layout registers first: fuse keeps the layout it chose)
+from .placement import offloaded_reason
 from .quant.layers import Int4Linear, Int8Linear
 from .registry import Plan, register_feature
 from .report import Skip
@@ -91,6 +92,8 @@ def _kind(mods: list[nn.Module]) -> tuple[str | None, str]:
     """('linear' | 'int8' | 'int4', '') when `mods` can share one GEMM, else (None, why not)."""
     if any(hasattr(m, "_hf_hook") for m in mods):
         return None, "accelerate dispatch hooks on the projections (device_map / offload)"
+    if any(type(m).__module__.startswith("peft.") for m in mods):
+        return None, "PEFT adapter layers (merge_and_unload() first)"
     types_ = {type(m) for m in mods}
     if len(types_) != 1:
         return None, f"mixed layer types {sorted(t.__name__ for t in types_)}"
@@ -290,6 +293,11 @@ def plan_fuse(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
             notes.append(f"gate_up: {spec.family}'s MLP has no gate projection")
         else:
             groups += [("gate_up", p, f"{p}.{m.module}", (m.gate, m.up)) for p in layers]
+    if ctx.placement and ctx.placement.offloaded:
+        kept = [g for g in groups if not ctx.placement.is_offloaded(g[2])]
+        if len(kept) < len(groups):
+            notes.append(offloaded_reason(len(groups) - len(kept), "projection groups"))
+        groups = kept
     refused = [r for r in (_refusal(model, g) for g in groups) if r]
     if refused:
         notes.append(f"not fused ({len(refused)}): {refused[0]}" + (" ..." if len(refused) > 1 else ""))

@@ -37,12 +37,20 @@ def _time(weights: list[torch.Tensor], x: torch.Tensor) -> float:
     return best
 
 
+def _is_dtensor(t) -> bool:
+    from .tp import _is_dtensor as check
+
+    return check(t)
+
+
 def candidates(model: nn.Module) -> dict[tuple[int, int], list[nn.Parameter]]:
     """fp32 CPU Linear weights (row-major, each parameter once), grouped by shape."""
     groups: dict[tuple[int, int], list[nn.Parameter]] = defaultdict(list)
     seen = set()
     for mod in model.modules():
         w = getattr(mod, "weight", None)
+        if _is_dtensor(w):                                 # tensor parallel: the shard stage makes them local
+            continue
         if type(mod) is nn.Linear and isinstance(w, nn.Parameter) and w.dtype == torch.float32 \
                 and w.device.type == "cpu" and w.is_contiguous() and id(w) not in seen:
             seen.add(id(w))
@@ -76,11 +84,13 @@ def _contiguous_state(module, state_dict, prefix, local_metadata) -> None:
 def plan_weight_layout(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     if not cfg.fusion.weight_layout:
         return None
-    groups = candidates(model)
-    if not groups:
+    from .tp import local_targets
+
+    if not candidates(model) and not local_targets(model):
         return Skip("weight_layout", "column-major weights: no fp32 nn.Linear weights on the CPU")
 
     def apply(rw) -> None:
+        groups = candidates(model)        # again: earlier stages (shard, quantize) replaced modules
         timing = measure(groups)
         relaid = []
         for shape, params in groups.items():

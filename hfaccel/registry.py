@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .device import Context
     from .rewrite import Rewriter
 
-STAGES = ("dtype", "quantize", "fuse", "attention", "kv_cache", "speculative", "compile")
+STAGES = ("shard", "dtype", "quantize", "fuse", "attention", "kv_cache", "speculative", "compile")
 UNAVAILABLE = "not available in this version"
 
 
@@ -70,7 +70,7 @@ def register_feature(name: str, *, stage: str) -> Callable[[Planner], Planner]:
 
 def features() -> list[FeatureEntry]:
     """Registered features in application order (by stage, then registration order)."""
-    from . import attention, compile, dtype, fusion, layout, pending  # noqa: F401  (importing registers them)
+    from . import attention, compile, dtype, fusion, layout, pending, tp  # noqa: F401  (importing registers them)
     from .cache import feature  # noqa: F401
     from .quant import feature as _quant  # noqa: F401
     from .speculative import feature as _spec  # noqa: F401

@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..placement import offloaded_reason
 from ..registry import Plan, register_feature
 from ..report import Skip
 from .layers import INT4_GROUPS, Int4Linear, Int8Linear, is_linear, linear_weight, sqnr_db
@@ -39,15 +40,38 @@ def excluded(name: str, patterns: list[str]) -> bool:
 
 def target_linears(model: nn.Module, q) -> tuple[list[str], str | None]:
     """(dotted paths of the nn.Linear modules to quantize, the head's path)."""
+    from ..placement import adapter_layers, under_adapter
+
     head = head_path(model)
+    adapters = adapter_layers(model)
     paths = []
     for name, module in model.named_modules():
-        if not is_linear(module) or excluded(name, q.modules_to_not_convert):
+        if not is_linear(module) or excluded(name, q.modules_to_not_convert) or under_adapter(name, adapters):
             continue
         if name == head and not q.quantize_lm_head:
             continue
         paths.append(name)
     return paths, head
+
+
+def resident(paths: list[str], ctx) -> tuple[list[str], list[str]]:
+    """(paths whose weights are resident, paths under offloaded modules)."""
+    if not (ctx.placement and ctx.placement.offloaded):
+        return paths, []
+    return ([p for p in paths if not ctx.placement.is_offloaded(p)],
+            [p for p in paths if ctx.placement.is_offloaded(p)])
+
+
+def _dtensor_weight(module: nn.Module) -> bool:
+    from ..tp import _is_dtensor
+
+    return _is_dtensor(getattr(module, "weight", None))
+
+
+def _colwise(model: nn.Module) -> set[str]:
+    from ..tp import local_targets
+
+    return {p for p, s in local_targets(model).items() if s == "colwise"}
 
 
 def _tied(model: nn.Module) -> bool:
@@ -63,15 +87,34 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         return None
     if q.method in ("bnb-int8", "bnb-nf4"):
         return _plan_bnb(model, ctx, cfg)
+    offloaded: list[str] = []
+    if ctx.placement and ctx.placement.offloaded:
+        if q.method in ("gptq", "awq"):
+            return Skip("quantize", f"{q.method} calibrates decoder layer by layer and rewrites every layer; "
+                                    f"{len(ctx.placement.offloaded)} modules are offloaded: quantize before "
+                                    f"dispatching (or `hfaccel export` and load that checkpoint)")
+    from ..tp import planned_path, tp_size
+
+    if tp_size(model) > 1 and q.method in ("gptq", "awq", "bnb-int8", "bnb-nf4"):
+        return Skip("quantize", f"{q.method} on a tensor-parallel model ({tp_size(model)} ranks): only rtn runs per "
+                                f"shard; quantize before sharding (`hfaccel export`) for calibrated int4")
     if q.method in ("gptq", "awq") and ctx.spec is None:
         return Skip("quantize", f"{q.method} walks the decoder layers named by a patches/ spec; {ctx.spec_problem}")
     if q.bits == 4 and q.group_size not in INT4_GROUPS:
         return Skip("quantize", f"int4 needs group_size {', '.join(map(str, INT4_GROUPS))}; "
                                 f"it is {q.group_size} (per-channel int4 is not supported by the packed kernels)")
     paths, head = target_linears(model, q)
+    paths, offloaded = resident(paths, ctx)
+    sharded = [p for p in paths if _dtensor_weight(model.get_submodule(p)) and planned_path(model, p) == p
+               and p not in _colwise(model)]
+    paths = [planned_path(model, p) for p in paths if p not in sharded]
     if not paths:
-        return Skip("quantize", "no nn.Linear layer to quantize (all excluded by modules_to_not_convert?)")
-    notes: list[str] = []
+        return Skip("quantize", offloaded_reason(len(offloaded), "linear layers") if offloaded else
+                    "no nn.Linear layer to quantize (all excluded by modules_to_not_convert?)")
+    notes: list[str] = [offloaded_reason(len(offloaded), "linear layers")] if offloaded else []
+    if sharded:
+        notes.append(f"{len(sharded)} tensor-parallel layers kept in float: their tp style keeps Transformers' "
+                     f"forward (e.g. {sharded[0]})")
     if head is not None:
         if head in paths:
             notes.append(f"head {head} quantized" + (" as its own copy; the tied input embedding stays float"
@@ -165,7 +208,9 @@ def _plan_bnb(model: nn.Module, ctx, cfg) -> Plan | Skip:
     elif ctx.device.type != "cuda":
         return Skip("quantize", f"{q.method} runs on CUDA or CPU; the model is on {ctx.device}")
     paths, head = target_linears(model, q)
+    paths, offloaded = resident(paths, ctx)
     notes = [f"head {head} kept in float (quantize_lm_head: false)"] if head and head not in paths else []
+    notes += [offloaded_reason(len(offloaded), "linear layers")] if offloaded else []
     kind = "LLM.int8 (threshold 6.0)" if q.method == "bnb-int8" else "NF4"
 
     def apply(rw) -> None:

@@ -239,6 +239,15 @@ def speculative_problem(model: nn.Module, cfg, draft_model=None) -> str | None:
     if any(t != "full_attention" for t in layer_types):
         return (f"layer types {sorted(set(layer_types))}: a sliding-window cache cannot be cropped back, "
                 f"which rejected drafts need")
+    if d in ("self-int8", "self-int4"):
+        from ..placement import Placement
+
+        placement = Placement.detect(model)
+        if isinstance(getattr(model, "tp_size", None), int) and model.tp_size > 1:
+            return f"draft {d}: a quantized copy of a tensor-parallel model is not made (use prompt-lookup)"
+        if placement and placement.offloaded:
+            return (f"draft {d}: {len(placement.offloaded)} modules of the target are offloaded; a quantized copy "
+                    f"cannot be made from their meta tensors (use prompt-lookup or layer-skip:N)")
     if d in ("self-int8", "self-int4") and cfg.quantization.method != "none":
         return (f"draft {d}: the target is already quantized ({cfg.quantization.method}, {cfg.quantization.bits} "
                 f"bit); its quantized copy would cost as much as the target")
