@@ -138,6 +138,8 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, in_feature
         if g_idx is not None:
             if tuple(g_idx.shape) != (k,):
                 raise CheckpointError(f"tensor {prefix}.g_idx has shape {list(g_idx.shape)}, expected [{k}]")
+            if g_idx.dtype not in (torch.int32, torch.int64):
+                raise CheckpointError(f"tensor {prefix}.g_idx has dtype {g_idx.dtype}, expected torch.int32")
             if not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
                 raise CheckpointError(f"{prefix}.g_idx is not contiguous (act-order without static groups): "
                                       f"the packed kernels need groups of consecutive input rows")
@@ -251,7 +253,11 @@ def read_quant_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json")
-    qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from e
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict):
         raise CheckpointError(f"{cfg_file} has no quantization_config")
     method = qc.get("quant_method")
@@ -314,7 +320,10 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     path = Path(path)
     qc = read_quant_config(path)
     tensors = _read_tensors(path)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"{path}/config.json is not a Transformers config ({type(e).__name__}: {e})") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config          # Transformers would hand the model to a GPTQ/AWQ backend
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -334,7 +343,17 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         setattr(model.get_submodule(parent) if parent else model, name, layer)
     quant_keys = {f"{p}.{s}" for p in prefixes for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     rest = {k: v for k, v in tensors.items() if k not in quant_keys}
-    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in prefixes)}
+    own = model.state_dict()
+    expected = {k for k in own if not any(k.startswith(p + ".") for p in prefixes)}
+    for key, t in rest.items():                     # load_state_dict would raise a bare RuntimeError, or copy
+        want = own.get(key)                         # integers into a float parameter without a word
+        if want is None:
+            continue
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"tensor {key} has shape {list(t.shape)}, expected {list(want.shape)}")
+        if t.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"tensor {key} has dtype {t.dtype}, expected "
+                                  f"{'a floating dtype' if want.is_floating_point() else want.dtype}")
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k in expected]
     if getattr(config, "tie_word_embeddings", False):
