@@ -4,7 +4,9 @@ Engine (a background thread serving submit() from any thread, with streaming and
 A step runs at most two forwards of the unchanged model:
 - every decoding request, one token each, as one batch: a PagedCache view whose rows are the requests'
   own block tables, right-aligned (row r is left-padded by T - computed_r, padding maps to the pool's null
-  block and is masked), positions per row;
+  block and is masked), positions per row. With hfaccel_paged attention each row attends over its own K/V
+  only, read as a view of the pool: a request reserves consecutive blocks for its whole length when it
+  is admitted (BlockPool.reserve_run), so its blocks stay consecutive while every request grows;
 - one prefill chunk of one request (batch 1), its size set by the step's token budget.
 The view is rebuilt every step from the requests' tables (cheap bookkeeping, no K/V copies), so requests
 join and leave between any two steps. Blocks a step allocates land in the requests' own tables; a
@@ -143,6 +145,7 @@ class EngineCore:
         longest = max(r.computed for r in reqs)
         cache = PagedCache(self.pool, attention=self.mode)
         cache._compacted = True                   # rows keep their blocks where they are
+        cache.row_views = False                    # decode: each row over its own blocks, no padded gather
         cache.tables.extend(r.table for r in reqs)   # the requests' own lists: new blocks land in them
         cache.offsets = [longest - r.computed for r in reqs]
         if n > 1:                                 # register full prompt blocks in the prefix index

@@ -44,6 +44,7 @@ class Request:
     computed: int = 0                            # tokens with K/V in the pool
     table: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
+    reserved: range = range(0)                   # blocks kept free for this request's growth (BlockPool.reserve_run)
     reused: int = 0                              # prompt tokens taken from the prefix cache (last admission)
     preemptions: int = 0
     finish_reason: str | None = None
@@ -161,6 +162,13 @@ class Scheduler:
         self.waiting.popleft()
         req.table, req.hashes = table, hashes
         req.computed = req.reused = len(table) * self.blocks.block_size
+        # keep room for everything it may still write in consecutive blocks, and start it there: decode then
+        # reads its K/V as a view of the pool instead of a gather (reservations are soft, see BlockPool)
+        own = self.blocks.blocks_for(len(req.prompt) + req.params.max_new_tokens) - len(table)
+        start = self.blocks.reserve_run(own) if own > 0 else None
+        if start is not None:
+            req.reserved = range(start, start + own)
+            req.table.extend(self.blocks.allocate(1, after=start - 1))
         req.state = State.RUNNING
         self.running.append(req)
         return req
@@ -174,6 +182,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _free(self, req: Request) -> None:
+        self.blocks.unreserve(req.reserved)
+        req.reserved = range(0)
         self.blocks.release(req.table)
         req.table = []
         req.hashes = []

@@ -73,6 +73,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if q_len == 1 and cache.row_views and kwargs.get("softcap") is None and \
+            getattr(module, "sliding_window", None) is None:
+        return decode_rows(cache, layer, query, scale), None
     if q_len == 1 and kwargs.get("softcap") is None:
         kernel = decode_kernel_for(query.device)
         if kernel != "gather":
@@ -81,6 +84,28 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout: 
     k, v = cache.read(layer, length)
     return sdpa_attention_forward(module, query, k.to(query.dtype), v.to(query.dtype), attention_mask,
                                   dropout=dropout, scaling=scaling, **kwargs)
+
+
+def decode_rows(cache: PagedCache, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per row, each row over its own K/V without padding: [B, Hq, 1, D] -> [B, 1, Hq, D].
+
+    A row in consecutive slots reads its K/V as a view of the pool (no copy), a row in several runs
+    concatenates them. The row's query heads are grouped by KV head ([1, Hkv, G, D]: the G heads sharing a
+    KV head become G queries), so GQA needs no repeated K/V. For continuous batching, whose rows differ
+    in length: each row computes exactly what it would alone, and nobody gathers the padding.
+    """
+    pool = cache.pool
+    b, hq, _, d = query.shape
+    outs = []
+    for r, segs in enumerate(cache.row_segments(cache.layers[layer].length)):
+        parts = [pool.read_run(layer, start, n) for start, n in segs]
+        k = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
+        v = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=2)
+        hkv = k.shape[1]
+        q = query[r:r + 1, :, 0].reshape(1, hkv, hq // hkv, d)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale)
+        outs.append(o.reshape(hq, d))
+    return torch.stack(outs)[:, None]
 
 
 def _valid_keys(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:

@@ -63,6 +63,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._hash_of: dict[int, int] = {}        # block id -> its prefix hash (cached blocks only)
         self._block_of: dict[int, int] = {}       # prefix hash -> block id
+        self._reserved: set[int] = set()          # free blocks kept for a sequence's growth (reserve_run)
         self.stats = PoolStats()
 
     # --- queries ------------------------------------------------------------------------------
@@ -96,25 +97,50 @@ class BlockPool:
             if run.stop <= self.num_blocks and all(b in self._free and b not in self._hash_of for b in run):
                 for block in run:
                     del self._free[block]
+                    self._reserved.discard(block)
                     self.ref_count[block] = 1
                 return list(run)
         out = []
-        for _ in range(n):
-            block, _ = self._free.popitem(last=False)
+        for block in self._free:                  # head of the queue first, passing over reserved blocks
+            if len(out) == n:
+                break
+            if block not in self._reserved:
+                out.append(block)
+        if len(out) < n:                          # reservations are soft: take reserved blocks before failing
+            out += [b for b in self._reserved if b not in out][: n - len(out)]
+        for block in out:
+            del self._free[block]
+            self._reserved.discard(block)
             self._evict(block)
             self.ref_count[block] = 1
-            out.append(block)
         return out
+
+    def reserve_run(self, n: int) -> int | None:
+        """Keep the lowest run of n free, uncached, unreserved blocks for one sequence's growth; returns its
+        first id (None: no such run). Allocations that are not the run's own continuation (allocate(after=
+        the block before it)) pass over reserved blocks while others are free, so a sequence that grows into
+        its run stays in consecutive blocks and reads its K/V as one view. Soft: a full pool takes them."""
+        start = self._lowest_run(n)
+        if start is not None:
+            self._reserved.update(range(start, start + n))
+        return start
+
+    def unreserve(self, blocks) -> None:
+        self._reserved.difference_update(blocks)
 
     def allocate_run(self, n: int) -> list[int] | None:
         """n free blocks with consecutive ids holding no cached prefix (the lowest such run), or None."""
-        if n > len(self._free):
+        start = self._lowest_run(n)
+        return None if start is None else self.allocate(n, after=start - 1)
+
+    def _lowest_run(self, n: int) -> int | None:
+        if n < 1 or n > len(self._free):
             return None
         start, count = -2, 0
-        for b in sorted(b for b in self._free if b not in self._hash_of):
+        for b in sorted(b for b in self._free if b not in self._hash_of and b not in self._reserved):
             start, count = (start, count + 1) if b == start + count else (b, 1)
             if count == n:
-                return self.allocate(n, after=start - 1)
+                return start
         return None
 
     def share(self, blocks: Sequence[int]) -> None:
@@ -196,4 +222,5 @@ class BlockPool:
             assert self.ref_count[b] >= 0, b
             assert (self.ref_count[b] == 0) == (b in self._free), b
         assert all(self._block_of[h] == b for b, h in self._hash_of.items())
+        assert all(b in self._free for b in self._reserved), "reserved blocks are free"
         assert len(self._hash_of) == len(self._block_of)

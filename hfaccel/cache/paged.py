@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .block_pool import NO_PARENT, BlockPool, block_hash
+from .block_pool import NO_PARENT, BlockPool, CacheFullError, block_hash
 
 KV_DTYPES = ("model", "int8")
 ATTENTION_MODES = ("gather", "paged")
@@ -316,6 +316,10 @@ class PagedCache(Cache):
         self._table_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prepared = 0        # positions [0, _prepared) have private, allocated blocks in every row
         self._compacted = False
+        self._segments = None
+        # decode attention row by row over each row's own K/V (views of the pool), ignoring the left padding:
+        # for callers whose mask is exactly "no padding" (the batching engine), see attention.decode_rows
+        self.row_views = False
         self._finalizer = weakref.finalize(self, _release_tables, pool.blocks, self.tables)
 
     @classmethod
@@ -397,10 +401,12 @@ class PagedCache(Cache):
         needs = [self._blocks_needed(r, end) for r in range(batch)]
         missing = sum(max(0, n - len(t)) for n, t in zip(needs, self.tables))
         if missing:
-            after = self.tables[0][-1] if batch == 1 and self.tables[0] else None
-            fresh = iter(self.pool.blocks.allocate(missing, after))  # all rows or none: CacheFullError
-            for n, t in zip(needs, self.tables):
-                t.extend(next(fresh) for _ in range(n - len(t)))
+            blocks = self.pool.blocks
+            if missing > blocks.num_free:                          # all rows or none
+                raise CacheFullError(missing, blocks.num_free, bs)
+            for n, t in zip(needs, self.tables):                   # each row continues its own run if it can
+                if n > len(t):
+                    t.extend(blocks.allocate(n - len(t), t[-1] if t else None))
             self._invalidate()
         for r, t in enumerate(self.tables):                        # copy-on-write where rows share blocks
             for j in range(max(0, start - self.offsets[r]) // bs, needs[r]):
@@ -442,6 +448,7 @@ class PagedCache(Cache):
         self._invalidate()
 
     def _invalidate(self) -> None:
+        self._segments = None
         self._slot_cache = None
         self._run = None
         self._table_cache = None
@@ -478,6 +485,26 @@ class PagedCache(Cache):
             if t == list(range(t[0], t[0] + len(t))):
                 self._run = t[0] * bs
         return full[:, :length]
+
+    def row_segments(self, length: int) -> list[list[tuple[int, int]]]:
+        """Per row, the (first slot, count) runs of consecutive slots holding its positions offset..length-1,
+        without the left padding: one run when the row's blocks are consecutive."""
+        key = (length, tuple(map(len, self.tables)))
+        if getattr(self, "_segments", None) is not None and self._segments[0] == key:
+            return self._segments[1]
+        bs = self.pool.block_size
+        out = []
+        for table, off in zip(self.tables, self.offsets):
+            left, segs = length - off, []
+            for j in range(-(-left // bs)):
+                n = min(bs, left - j * bs)
+                if segs and segs[-1][0] + segs[-1][1] == table[j] * bs and segs[-1][1] % bs == 0:
+                    segs[-1] = (segs[-1][0], segs[-1][1] + n)
+                else:
+                    segs.append((table[j] * bs, n))
+            out.append(segs)
+        self._segments = (key, out)
+        return out
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, H, length, D] K and V of every row: a view of the pool when one row sits in consecutive

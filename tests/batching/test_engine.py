@@ -214,3 +214,42 @@ def test_a_failing_step_gives_every_block_back(monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         generate_batch(model, workload(model.config.vocab_size, n=4), max_new_tokens=8, max_batch=2)
     assert pool.blocks.num_free == pool.blocks.num_blocks and all(c == 0 for c in pool.blocks.ref_count)
+
+
+def test_requests_decode_from_consecutive_blocks_and_row_attention_matches_the_gather():
+    """Each admitted request reserves room for its whole length, so its blocks stay consecutive while all
+    requests grow together, and decode reads every row as one view of the pool."""
+    from hfaccel.cache import attention
+
+    model = models.tiny("llama")
+    hfaccel.accelerate_model(model, kv_cache={"max_cache_tokens": 2048, "block_size": 8})   # hfaccel_paged
+    prompts = workload(model.config.vocab_size, n=8, longest=50, seed=5)
+    core = EngineCore(model, max_batch=8, token_budget=40, prefix_reuse=False)
+    assert core.mode == "paged"
+    for p in prompts:
+        core.add(core.new_request(p, SamplingParams(max_new_tokens=20)))
+    rows = []
+    original = attention.decode_rows
+
+    def spy(cache, layer, query, scale):
+        segs = cache.row_segments(cache.layers[layer].length)
+        rows.extend(len(s) for s in segs)
+        out = original(cache, layer, query, scale)
+        k, v = cache.read(layer, cache.layers[layer].length)      # the padded gather, masked, as reference
+        mask = torch.zeros(len(segs), 1, 1, k.shape[2], dtype=torch.bool)
+        for r, off in enumerate(cache.offsets):
+            mask[r, ..., off:] = True
+        g = query.shape[1] // k.shape[1]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            query, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask, scale=scale)
+        torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+        return out
+
+    attention.decode_rows = spy
+    try:
+        while core.has_work:
+            core.step()
+    finally:
+        attention.decode_rows = original
+    assert rows and all(n == 1 for n in rows)               # every decode row was one run of slots: no copy
+    no_leak(core)

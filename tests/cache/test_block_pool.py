@@ -186,3 +186,18 @@ def test_drop_cached_forgets_free_prefixes_only():
     assert pool.is_cached(b[0]) and pool.match_prefix([5, 6, 7, 8, 9])[0] == b
     assert pool.match_prefix([1, 2, 3, 4, 5])[0] == []
     pool.check()
+
+
+def test_reserved_runs_are_passed_over_by_others_and_soft_when_the_pool_is_short():
+    pool = BlockPool(12, block_size=4)
+    assert pool.reserve_run(4) == 0                       # blocks 0-3 kept for one sequence's growth
+    assert pool.allocate(2) == [4, 5]                     # others pass over them
+    assert pool.allocate(1, after=-1) == [0]              # the owner starts its run ...
+    assert pool.allocate(2, after=0) == [1, 2]            # ... and grows into it
+    assert pool.reserve_run(3) == 6 and pool.reserve_run(5) is None
+    assert pool.allocate(3) == [9, 10, 11]
+    assert sorted(pool.allocate(2)) == [3, 6]             # soft: nothing else is free, reserved blocks are taken
+    pool.check()
+    pool.unreserve(range(6, 9))
+    assert pool.allocate(2) == [7, 8]
+    pool.check()
