@@ -67,11 +67,6 @@ def local_targets(model: nn.Module) -> dict[str, str]:
             and _is_dtensor(model.get_submodule(path).weight)}
 
 
-def planned_path(model: nn.Module, path: str) -> str:
-    """Where the Linear at `path` will be once the shard stage ran: a rowwise one moves to `path.linear`."""
-    return f"{path}.linear" if local_targets(model).get(path) == "rowwise" else path
-
-
 class RowParallelLinear(nn.Module):
     """A rowwise-sharded Linear on local tensors: this rank's [N, K/tp] columns, all_reduce, then the bias.
 
@@ -153,4 +148,4 @@ def plan_tensor_parallel(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     return Plan(FEATURE, apply, f"rank-local shards for {len(targets)} Linear layers ({size} ranks)", notes)
 
 
-__all__ = ["RowParallelLinear", "local_targets", "planned_path", "plan_tensor_parallel", "styles", "tp_size"]
+__all__ = ["RowParallelLinear", "local_targets", "plan_tensor_parallel", "styles", "tp_size"]

@@ -68,12 +68,6 @@ def _dtensor_weight(module: nn.Module) -> bool:
     return _is_dtensor(getattr(module, "weight", None))
 
 
-def _colwise(model: nn.Module) -> set[str]:
-    from ..tp import local_targets
-
-    return {p for p, s in local_targets(model).items() if s == "colwise"}
-
-
 def _tied(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
@@ -93,7 +87,7 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
             return Skip("quantize", f"{q.method} calibrates decoder layer by layer and rewrites every layer; "
                                     f"{len(ctx.placement.offloaded)} modules are offloaded: quantize before "
                                     f"dispatching (or `hfaccel export` and load that checkpoint)")
-    from ..tp import planned_path, tp_size
+    from ..tp import local_targets, tp_size
 
     if tp_size(model) > 1 and q.method in ("gptq", "awq", "bnb-int8", "bnb-nf4"):
         return Skip("quantize", f"{q.method} on a tensor-parallel model ({tp_size(model)} ranks): only rtn runs per "
@@ -105,9 +99,11 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                                 f"it is {q.group_size} (per-channel int4 is not supported by the packed kernels)")
     paths, head = target_linears(model, q)
     paths, offloaded = resident(paths, ctx)
-    sharded = [p for p in paths if _dtensor_weight(model.get_submodule(p)) and planned_path(model, p) == p
-               and p not in _colwise(model)]
-    paths = [planned_path(model, p) for p in paths if p not in sharded]
+    # tensor parallel: the shard stage makes colwise / rowwise layers local (a rowwise one's product moves to
+    # `.linear`); a sharded layer of any other style keeps Transformers' forward and stays float
+    local = local_targets(model)
+    sharded = [p for p in paths if p not in local and _dtensor_weight(model.get_submodule(p))]
+    paths = [f"{p}.linear" if local.get(p) == "rowwise" else p for p in paths if p not in sharded]
     if not paths:
         return Skip("quantize", offloaded_reason(len(offloaded), "linear layers") if offloaded else
                     "no nn.Linear layer to quantize (all excluded by modules_to_not_convert?)")

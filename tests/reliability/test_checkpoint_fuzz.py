@@ -97,12 +97,18 @@ def check_load(folder: Path, reference: dict[str, torch.Tensor]) -> str:
     return "loaded"
 
 
+def folder_with(tmp_path_factory, src: Path, kept: str) -> Path:
+    """A fresh folder holding only `kept` copied from the valid checkpoint `src`: the test writes the other."""
+    folder = tmp_path_factory.mktemp("bad")
+    shutil.copy(src / kept, folder / kept)
+    return folder
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(["gptq", "awq"]), op=st.sampled_from(TENSOR_OPS), pick=st.integers(0, 10_000))
 def test_corrupted_tensors_are_refused_by_name(valid, tmp_path_factory, fmt, op, pick):
     src, reference = valid[fmt]
-    folder = tmp_path_factory.mktemp("bad")
-    shutil.copy(src / "config.json", folder / "config.json")
+    folder = folder_with(tmp_path_factory, src, "config.json")
     tensors, name = corrupt_tensors(load_file(str(src / "model.safetensors")), op, pick)
     save_file(tensors, str(folder / "model.safetensors"))
     outcome = check_load(folder, reference)
@@ -115,8 +121,7 @@ def test_corrupted_tensors_are_refused_by_name(valid, tmp_path_factory, fmt, op,
 @given(fmt=st.sampled_from(["gptq", "awq"]), op=st.sampled_from(CONFIG_OPS), value=st.integers(0, 1000))
 def test_corrupted_configs_are_refused_by_key(valid, tmp_path_factory, fmt, op, value):
     src, reference = valid[fmt]
-    folder = tmp_path_factory.mktemp("badcfg")
-    shutil.copy(src / "model.safetensors", folder / "model.safetensors")
+    folder = folder_with(tmp_path_factory, src, "model.safetensors")
     (folder / "config.json").write_text(corrupt_config(json.loads((src / "config.json").read_text()), op, value))
     check_load(folder, reference)
 
@@ -125,8 +130,7 @@ def test_corrupted_configs_are_refused_by_key(valid, tmp_path_factory, fmt, op, 
 @given(fmt=st.sampled_from(["gptq", "awq"]), cut=st.floats(0.0, 0.999), flip=st.integers(0, 2**20))
 def test_truncated_or_bit_flipped_files(valid, tmp_path_factory, fmt, cut, flip):
     src, reference = valid[fmt]
-    folder = tmp_path_factory.mktemp("trunc")
-    shutil.copy(src / "config.json", folder / "config.json")
+    folder = folder_with(tmp_path_factory, src, "config.json")
     data = bytearray((src / "model.safetensors").read_bytes())
     if flip % 2:
         data = data[: int(len(data) * cut)]                          # a download cut short
