@@ -145,7 +145,7 @@ class EngineCore:
         longest = max(r.computed for r in reqs)
         cache = PagedCache(self.pool, attention=self.mode)
         cache._compacted = True                   # rows keep their blocks where they are
-        cache.row_views = False                    # decode: each row over its own blocks, no padded gather
+        cache.row_views = True                    # decode: each row over its own blocks, no padded gather
         cache.tables.extend(r.table for r in reqs)   # the requests' own lists: new blocks land in them
         cache.offsets = [longest - r.computed for r in reqs]
         if n > 1:                                 # register full prompt blocks in the prefix index
