@@ -518,8 +518,10 @@ def _compile_problem(model: nn.Module, cfg) -> str | None:
         return f"{type(model).__name__} builds its own cache"
     if cfg.kv_cache.dtype == "int8":
         return "the decode buffer keeps K/V in the model dtype; kv_cache.dtype int8 decodes through the paged loop"
-    if isinstance(getattr(model, "tp_size", None), int) and model.tp_size > 1:
-        return f"tensor parallel ({model.tp_size} ranks): the step is not traced through the all_reduce collectives"
+    from .tp import tp_size
+
+    if tp_size(model) > 1:
+        return f"tensor parallel ({tp_size(model)} ranks): the step is not traced through the all_reduce collectives"
     from .placement import Placement
 
     placement = Placement.detect(model)

@@ -88,9 +88,11 @@ class Context:
         placement = Placement.detect(model)
         if placement and placement.execution_devices:
             device = torch.device(sorted(placement.execution_devices)[0]) if device.type == "meta" else device
-        tp = getattr(model, "tp_size", None)
+        from .tp import tp_size
+
+        tp = tp_size(model)
         tp_rank = None
-        if isinstance(tp, int) and tp > 1:
+        if tp > 1:
             import torch.distributed as dist
 
             tp_rank = (dist.get_rank() if dist.is_initialized() else 0, tp)

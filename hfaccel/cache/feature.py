@@ -194,9 +194,11 @@ def _paged_problem(model: nn.Module) -> str | None:
     layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         return f"layer types {sorted(set(layer_types))}: the pool pages full-attention layers only"
-    tp = getattr(model, "tp_size", None)
+    from ..tp import tp_size
+
+    tp = tp_size(model)
     kv = getattr(model.config.get_text_config(), "num_key_value_heads", None)
-    if isinstance(tp, int) and tp > 1 and isinstance(kv, int) and kv % tp:
+    if tp > 1 and isinstance(kv, int) and kv % tp:
         return f"{kv} KV heads do not split evenly over {tp} tensor-parallel ranks"
     from ..placement import Placement
 

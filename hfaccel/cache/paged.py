@@ -121,9 +121,9 @@ class KVPool:
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        tp = getattr(model, "tp_size", None)
-        if isinstance(tp, int) and tp > 1:              # tensor parallel: this rank's share of the KV heads
-            kv_heads //= tp
+        from ..tp import tp_size
+
+        kv_heads //= tp_size(model)                     # tensor parallel: this rank's share of the KV heads
         return cfg.num_hidden_layers, kv_heads, head_dim
 
     @classmethod

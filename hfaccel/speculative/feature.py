@@ -243,7 +243,9 @@ def speculative_problem(model: nn.Module, cfg, draft_model=None) -> str | None:
         from ..placement import Placement
 
         placement = Placement.detect(model)
-        if isinstance(getattr(model, "tp_size", None), int) and model.tp_size > 1:
+        from ..tp import tp_size
+
+        if tp_size(model) > 1:
             return f"draft {d}: a quantized copy of a tensor-parallel model is not made (use prompt-lookup)"
         if placement and placement.offloaded:
             return (f"draft {d}: {len(placement.offloaded)} modules of the target are offloaded; a quantized copy "
