@@ -198,6 +198,9 @@ class FusionConfig(_Section):
                                  "step fuses it)")
     weight_layout: bool = _opt(False, doc="column-major fp32 Linear weights on CPU where a one-token GEMV runs "
                                           "faster (measured per shape; sums in another order)")
+    packed_weights: bool = _opt(False, doc="fp32/bf16 Linear layers on CPU run on oneDNN with weights reordered once, "
+                                           "where faster (measured per shape; sums in another order; projections "
+                                           "fused by qkv/gate_up keep their GEMM)")
 
 
 @dataclass(frozen=True)

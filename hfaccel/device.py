@@ -61,6 +61,10 @@ def weight_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += storage.nbytes()
+    for m in model.modules():                         # oneDNN-reordered weights (hfaccel.packed) are opaque
+        packed = getattr(m, "packed", None)
+        if isinstance(packed, torch.Tensor) and packed.is_mkldnn:
+            total += packed.numel() * packed.element_size()
     return total
 
 

@@ -410,3 +410,6 @@ def _unfuse_norms(done: list[nn.Module]) -> None:
 
 
 __all__ = ["FusedProjection", "plan_fuse"]
+
+
+from . import packed  # noqa: E402,F401  (registers after the fusions: it packs the layers they left unfused)

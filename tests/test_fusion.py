@@ -138,7 +138,7 @@ def test_int4_packed_rows_are_shared_in_blocks_of_64():
 def test_with_the_compiled_step_no_recompilation(monkeypatch):
     monkeypatch.setattr(layout, "MIN_GAIN", 0.0)                # fused weights inherit the column-major layout
     model, ref = models.tiny("llama"), models.tiny("llama")
-    report = hfaccel.accelerate_model(model, "cpu-fast")
+    report = hfaccel.accelerate_model(model, "cpu-fast", fusion={"qkv": True, "gate_up": True})
     assert fused(report) and any(c.feature == "weight_layout" for c in report.changes)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.stride() == (1, 128)              # a row view of the [128, 64] column-major tensor

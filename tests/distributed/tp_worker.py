@@ -31,7 +31,10 @@ def main(model_dir: str, out_prefix: str, configs: list[str]) -> None:
     named = {"none": None, "rtn-int4": {"name": "rtn-int4", "kv_cache": {"type": "paged"},
                                         "quantization": {"method": "rtn", "bits": 4, "group_size": 32}}}
     for name in configs:
-        report = hfaccel.accelerate_model(model, named.get(name, name))
+        # cpu-fast with its projections fused (the preset itself packs them unfused): fusion on shards
+        cfg = hfaccel.config.resolve_config("cpu-fast", fusion={"qkv": True, "gate_up": True}) \
+            if name == "cpu-fast" else named.get(name, name)
+        report = hfaccel.accelerate_model(model, cfg)
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False)
         with torch.no_grad():
             logits = model(x).logits
