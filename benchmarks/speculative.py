@@ -76,30 +76,42 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--k", type=int, default=None, help="num_draft_tokens (default: the config's)")
     ap.add_argument("--drafts", default="prompt-lookup,self-int8,self-int4,layer-skip:20")
+    ap.add_argument("--preset", default=None, help="the config under every hfaccel system (default: hfaccel's "
+                    "lossless defaults); e.g. cpu-fast: its greedy decode runs the compiled step, its "
+                    "speculative systems the compiled verify step")
+    ap.add_argument("--kinds", default="grounded,chat")
+    ap.add_argument("--batches", default="1,4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     plain, tok = models.load_default()
     eos = plain.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    sets = {"grounded": encode(tok, grounded_prompts()), "chat": encode(tok, CHAT)}
+    kinds = args.kinds.split(",")
+    sets = {k: encode(tok, grounded_prompts() if k == "grounded" else CHAT) for k in kinds}
+    sizes = [int(b) for b in args.batches.split(",")]
     batches = {}
     for kind, (ids, mask) in sets.items():
-        batches[(kind, 1)] = [(ids[i:i + 1, mask[i].argmax():], None) for i in range(ids.shape[0])]
-        batches[(kind, 4)] = [(ids, mask)]
+        if 1 in sizes:
+            batches[(kind, 1)] = [(ids[i:i + 1, mask[i].argmax():], None) for i in range(ids.shape[0])]
+        if 4 in sizes:
+            batches[(kind, 4)] = [(ids, mask)]
 
     base, _ = models.load_default()
-    hfaccel.accelerate_model(base)
-    systems = {"plain transformers": plain, "greedy (hfaccel default)": base}
+    t = time.perf_counter()
+    hfaccel.accelerate_model(base, args.preset)
+    greedy_name = f"greedy (hfaccel {args.preset or 'default'})"
+    print(f"# {greedy_name}: set up in {time.perf_counter() - t:.1f} s")
+    systems = {"plain transformers": plain, greedy_name: base}
     for d in args.drafts.split(","):
         m, _ = models.load_default()
         spec = {"draft": d} | ({"num_draft_tokens": args.k} if args.k else {})
         t = time.perf_counter()
-        hfaccel.accelerate_model(m, speculative=spec)
+        hfaccel.accelerate_model(m, args.preset, speculative=spec)
         print(f"# {d}: attached in {time.perf_counter() - t:.1f} s ({m.hfaccel_draft.name})")
         systems[d] = m
 
     reference = {}
-    print("\n| prompts | batch | system | tok/s | vs hfaccel greedy | vs plain | acceptance | tokens / target fwd | "
+    print("\n| prompts | batch | system | tok/s | vs hfaccel greedy (same config) | vs plain | acceptance | tokens / target fwd | "
           "draft s | target s | agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (kind, bs), calls in batches.items():
@@ -128,7 +140,7 @@ def main() -> None:
             rate = total_n / total_t
             if name == "plain transformers":
                 plain_rate = rate
-            if name == "greedy (hfaccel default)":
+            if name == greedy_name:
                 base_rate = rate
             speed = f"{rate / base_rate:.2f}x" if base_rate else "-"
             vs_plain = f"{rate / plain_rate:.2f}x"

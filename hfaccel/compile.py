@@ -125,6 +125,33 @@ def step_attention(module, query, key, value, decode, scaling=None, sliding_wind
     return out.reshape(b, 1, hq, d), None
 
 
+def verify_attention(module, query, key, value, decode, scaling=None, sliding_window=None, softcap=None):
+    """W query tokens per row against the layer's decode buffer (a speculative verify step). query:
+    [B, Hq, W, D]; key, value: [B, Hkv, W, D]. `decode` = (keys, values, where, allowed): where [B, W] is
+    the buffer column of each token (rows advance on their own), allowed [B, W, T] what each token may see
+    (the row's valid columns up to its own). Returns [B, W, Hq, D]."""
+    keys, values, where, allowed = decode
+    kb, vb = keys[module.layer_idx], values[module.layer_idx]
+    b, hq, w, d = query.shape
+    hkv, t = kb.shape[1], kb.shape[2]
+    index = where[:, None, :, None].expand(b, hkv, w, d)
+    kb.scatter_(2, index, key.to(kb.dtype))
+    vb.scatter_(2, index, value.to(vb.dtype))
+    g = hq // hkv
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query.reshape(b, hkv, g * w, d)                                   # GQA: query heads grouped by KV head
+    scores = torch.matmul(q, kb.transpose(-1, -2)).view(b, hkv, g, w, t) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if sliding_window is not None:
+        cols = torch.arange(t, device=where.device)
+        allowed = allowed & (cols[None, None, :] > where[:, :, None] - sliding_window)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(b, hkv, g * w, t), vb)                   # [B, Hkv, G * W, D]
+    return out.view(b, hq, w, d).transpose(1, 2), None
+
+
 def step_attention_name(inner: str) -> str:
     return STEP_PREFIX + inner
 
@@ -143,6 +170,10 @@ def register_step_attention(inner: str) -> str:
 
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         decode = kwargs.pop("hfaccel_decode", None)
+        verify = kwargs.pop("hfaccel_verify", None)
+        if verify is not None:
+            return verify_attention(module, query, key, value, verify, scaling, kwargs.get("sliding_window"),
+                                    kwargs.get("softcap"))
         if decode is None:
             fn = _eager_of(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
             return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -295,6 +326,11 @@ class CompiledDecoder:
         self._fn = torch.compile(_own_code(self._step), fullgraph=True, dynamic=False,
                                  backend=_counting_backend(self.stats, mode),
                                  options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._vfn = torch.compile(_own_code(self._verify), fullgraph=True, dynamic=False,
+                                  backend=_counting_backend(self.stats, mode),
+                                  options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._verify_checked = False
+        self._costs: dict[tuple[int, int], list[float]] = {}
 
     # tokens, position_ids: [B, 1]; col: [1] column of this token; valid: [B, T]; finished: [B] bool;
     # eos: [V] bool over the vocabulary (a fixed shape whatever the number of EOS ids); pad, allow_eos: 0-d
@@ -307,6 +343,76 @@ class CompiledDecoder:
         logits = logits.masked_fill(eos[: logits.shape[-1]] & ~allow_eos, float("-inf"))
         nxt = torch.where(finished, pad, logits.argmax(-1))
         return nxt[:, None], finished | eos[nxt]
+
+    # tokens, position_ids: [B, W]; col: [B] buffer column of each row's first token (rows advance on their
+    # own); valid: [B, T]. Returns the logits of every token, [B, W, V] float.
+    def _verify(self, tokens, position_ids, keys, values, col, valid):
+        w, t = tokens.shape[1], valid.shape[1]
+        where = col[:, None] + torch.arange(w, device=col.device)
+        allowed = valid[:, None, :] & (torch.arange(t, device=col.device) <= where[:, :, None])
+        out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False,
+                         hfaccel_verify=(keys, values, where, allowed))
+        return out.logits.float()
+
+    def verify(self, buf: DecodeBuffers, tokens: torch.Tensor, positions: torch.Tensor,
+               col: torch.Tensor) -> torch.Tensor:
+        """Logits [B, W, V] of a verify forward over tokens [B, W] at positions [B, W], whose K/V are written
+        at buffer columns col[b] .. col[b] + W - 1. Width 1 has its own graph; every width >= 2 shares one
+        (dynamic in W), so the draft length never recompiles."""
+        tokens, positions = _fresh(tokens), _fresh(positions)
+        if tokens.shape[1] > 1:
+            torch._dynamo.mark_dynamic(tokens, 1, min=2, max=BUCKET)
+            torch._dynamo.mark_dynamic(positions, 1, min=2, max=BUCKET)
+        with self.lock:
+            before = self.stats.compilations
+            t = time.perf_counter()
+            out = self._vfn(tokens, positions, buf.keys, buf.values, col, buf.valid)
+            if self.stats.compilations != before:
+                self.stats.compile_seconds += time.perf_counter() - t
+        return out
+
+    @torch.inference_mode()
+    def verify_costs(self, batch: int, max_width: int, context: int = 64, reps: int = 3) -> list[float]:
+        """Seconds of a compiled verify of width 1..max_width for `batch` rows over `context` columns (median
+        of `reps` after a warm-up; index 0 unused), compiling the graphs on first use. The first time, one
+        eager verify checks that it reaches every layer's attention. Kept: a second call returns the same."""
+        if (batch, max_width) in self._costs:
+            return self._costs[(batch, max_width)]
+        cfg = self.model.config.get_text_config()
+        p = self.model.get_input_embeddings().weight
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        columns = columns_for(context, max_width)
+        self.shapes.add((batch, columns))
+        # buffers of its own: the decoder's may hold a prompt being decoded
+        buf = DecodeBuffers(cfg.num_hidden_layers, batch, kv_heads, columns, head_dim, p.dtype, p.device)
+        col = torch.full((batch,), context, dtype=torch.long, device=p.device)
+        ids = torch.zeros(batch, max_width, dtype=torch.long, device=p.device)
+        pos = context + torch.arange(max_width, device=p.device).expand(batch, max_width)
+        if not self._verify_checked:
+            for k in buf.keys:
+                k.zero_()[:, :, context:context + 2] = float("nan")
+            self._verify(ids[:, :2], pos[:, :2], buf.keys, buf.values, col, buf.valid)
+            missed = [i for i, k in enumerate(buf.keys) if bool(k[:, :, context:context + 2].isnan().any())]
+            if missed:
+                raise RuntimeError(f"the verify step did not reach the attention of layer(s) {missed}: "
+                                   f"{type(self.model).__name__} does not pass its kwargs down to attention")
+            self._verify_checked = True
+        for k in (*buf.keys, *buf.values):
+            k.zero_()
+        sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
+        cost = [0.0]
+        for w in range(1, max_width + 1):
+            times = []
+            for _ in range(reps + 1):
+                sync()
+                t = time.perf_counter()
+                self.verify(buf, ids[:, :w], pos[:, :w], col)
+                sync()
+                times.append(time.perf_counter() - t)
+            cost.append(sorted(times[1:])[len(times[1:]) // 2])
+        self._costs[(batch, max_width)] = cost
+        return cost
 
     def has_room_for(self, batch: int, columns: int) -> bool:
         return (batch, columns) in self.shapes or len(self.shapes) < MAX_GRAPHS
@@ -427,7 +533,7 @@ def columns_for(length: int, new_tokens: int) -> int:
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A new [B, 1] tensor with t's values and default strides: Dynamo guards on strides, and views of size-1
+    """A new tensor with t's values and default strides: Dynamo guards on strides, and views of size-1
     dims (a column of generate()'s output) keep the strides of their base."""
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
@@ -550,9 +656,8 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     if cfg.speculative.draft is not None or getattr(ctx, "draft_model", None) is not None:
         from .speculative.feature import speculative_problem
 
-        if speculative_problem(model, cfg) is None:
-            return Skip("compile", "compiled decode: speculative decoding drives generate() (its verify step "
-                                   "runs eager)")
+        if speculative_problem(model, cfg, getattr(ctx, "draft_model", None)) is None:
+            return _plan_compiled_verify(model, cfg)
 
     def apply(rw) -> None:
         inner = model.config._attn_implementation
@@ -569,6 +674,34 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                            + ")"))
 
     return Plan("compile", apply, f"compiled greedy decode step, buckets of {BUCKET} columns "
+                                  f"(torch.compile mode={c.mode})")
+
+
+def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
+    """Speculative decoding drives generate(): compile its verify step instead of the one-token step."""
+    from .speculative.feature import max_draft_tokens
+
+    c = cfg.compile
+    width = max_draft_tokens(cfg.speculative) + 1
+
+    def apply(rw) -> None:
+        inner = model.config._attn_implementation
+        if not inner.startswith(STEP_PREFIX):
+            rw.set_attn_implementation(register_step_attention(inner))
+        decoder = CompiledDecoder(model, c.mode)
+        if c.warmup:
+            t = time.perf_counter()
+            decoder.verify_costs(1, width)
+            decoder.stats.warmup_seconds = time.perf_counter() - t
+        rw.set_attr(model, "hfaccel_compile_stats", decoder.stats, target="hfaccel_compile_stats",
+                    label="compiled calls, fallbacks, compilations, warm-up")
+        rw.set_attr(model, "hfaccel_compiled_verify", decoder, target="hfaccel_compiled_verify",
+                    label=(f"speculative verify through a compiled step (torch.compile mode={c.mode}, widths 1 and "
+                           f"2-{width} in two graphs per batch size and bucket, "
+                           + (f"warm-up {decoder.stats.warmup_seconds:.1f} s" if c.warmup else "compiled at first call")
+                           + ")"))
+
+    return Plan("compile", apply, f"compiled speculative verify step, buckets of {BUCKET} columns "
                                   f"(torch.compile mode={c.mode})")
 
 

@@ -41,7 +41,9 @@ def test_report_lists_changes_skips_and_unavailable_features():
     model = models.tiny("llama")
     model.set_attn_implementation("eager")
     report = hfaccel.accelerate_model(model, "cpu-fast", kv_cache={"max_cache_tokens": 4096},
-                                      compile={"warmup": False}, fusion={"weight_layout": False})   # timed: varies
+                                      compile={"warmup": False},
+                                      fusion={"weight_layout": False, "packed_weights": False,   # timed: varies
+                                              "qkv": True, "gate_up": True})
     assert [(c.feature, c.target, c.before, c.after) for c in report.changes] == [
         ("fuse", "2 x q_proj+k_proj+v_proj (Linear)", "3 GEMMs", "1 GEMM [128, 64]"),
         ("fuse", "2 x gate_proj+up_proj (Linear)", "2 GEMMs", "1 GEMM [256, 64], then act(gate) * up"),
@@ -73,8 +75,8 @@ def test_every_requested_future_feature_is_reported_not_silently_dropped():
     assert "quantize" not in reasons and any(c.feature == "quantize" for c in report.changes)   # rtn int8 landed
     assert "speculative" not in reasons and any(c.feature == "speculative" for c in report.changes)
     assert "compile" not in reasons and "fuse" not in reasons and "fuse_rope" in reasons
-    compile_skip = next(s.reason for s in report.skipped if s.feature == "compile")
-    assert compile_skip.startswith("compiled decode: speculative decoding drives generate()")
+    assert not any(s.feature == "compile" for s in report.skipped)           # speculative: its verify step is compiled
+    assert "hfaccel_compiled_verify" in [c.target for c in report.changes if c.feature == "compile"]
 
 
 def test_second_call_is_a_noop_that_says_so():
@@ -195,7 +197,8 @@ def test_unknown_architecture_gets_generic_features_and_says_so():
     assert report.spec is None
     arch = next(s for s in report.skipped if s.feature == "architecture")
     assert arch.reason.startswith("generic features only: no patches/ spec for model_type 'gpt_neox'")
-    assert [c.feature for c in report.changes if c.feature != "weight_layout"] == ["kv_cache"] * 4 + ["compile"] * 3
+    assert [c.feature for c in report.changes if c.feature not in ("weight_layout", "packed_weights")] == \
+        ["kv_cache"] * 4 + ["compile"] * 3
     x = prompts(128)
     assert torch.equal(greedy(model, x), greedy(plain, x))
 

@@ -8,7 +8,7 @@ import torch
 
 import hfaccel
 from hfaccel import models
-from hfaccel.compile import BUCKET, step_attention, why_not
+from hfaccel.compile import BUCKET, step_attention, verify_attention, why_not
 from tests.conftest import StreamRecorder, greedy, needs_default_model, prompts
 
 
@@ -189,6 +189,32 @@ def test_step_attention_matches_sdpa_with_padding_gqa_and_window():
         ref = torch.nn.functional.scaled_dot_product_attention(
             q, kb[0].repeat_interleave(hq // hkv, 1), vb[0].repeat_interleave(hq // hkv, 1),
             attn_mask=allowed[:, None, None, :])
+        torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window():
+    torch.manual_seed(0)
+    b, hq, hkv, d, t, w = 3, 6, 2, 16, 40, 4
+    keys, values = [torch.randn(b, hkv, t, d)], [torch.randn(b, hkv, t, d)]
+    q, k, v = torch.randn(b, hq, w, d), torch.randn(b, hkv, w, d), torch.randn(b, hkv, w, d)
+    col = torch.tensor([20, 9, 31])                        # rows write at their own columns
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :4] = False                                   # left padding
+    where = col[:, None] + torch.arange(w)
+    allowed = valid[:, None, :] & (torch.arange(t) <= where[:, :, None])
+
+    class Layer:
+        layer_idx = 0
+
+    for window in (None, 7):
+        kb, vb = [x.clone() for x in keys], [x.clone() for x in values]
+        out, _ = verify_attention(Layer(), q, k, v, (kb, vb, where, allowed), sliding_window=window)
+        for r in range(b):
+            c = int(col[r])
+            assert torch.equal(kb[0][r, :, c:c + w], k[r]) and torch.equal(vb[0][r, :, c:c + w], v[r])
+        mask = allowed if window is None else allowed & (torch.arange(t) > where[:, :, None] - window)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, kb[0].repeat_interleave(hq // hkv, 1), vb[0].repeat_interleave(hq // hkv, 1), attn_mask=mask[:, None])
         torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 

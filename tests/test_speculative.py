@@ -259,7 +259,7 @@ def test_policy_pads_to_the_cheapest_width_and_adapts():
     assert pol.choose_k(100) == 5                 # class 0 unaffected
     assert DraftPolicy(5, adaptive=False, cost=cost).choose_k(100) == 5
     asked = []
-    pol = DraftPolicy(5, adaptive=True, cost=cost, measure=lambda b: (asked.append(b), ([0] + [b * 1.0] * 6, 0.1))[1])
+    pol = DraftPolicy(5, adaptive=True, cost=cost, measure=lambda b, compiled=None: (asked.append(b), ([0] + [b * 1.0] * 6, 0.1))[1])
     for b in (1, 3, 4, 2, 9, 40, 3):
         pol.use_batch(b)
     assert asked == [4, 2, 16] and pol.cost[1] == 4.0       # buckets 1, 2, 4, 8, 16+, each measured once
@@ -290,6 +290,64 @@ def test_skips_with_reasons():
     if any(t != "full_attention" for t in (getattr(gemma.config, "layer_types", None) or [])):
         rep = hfaccel.accelerate_model(gemma, speculative={"draft": "prompt-lookup"})
         assert any(s.feature == "speculative" and "sliding" in s.reason for s in rep.skipped)
+
+
+@pytest.mark.parametrize("draft", ["prompt-lookup", "self-int8"])
+def test_compiled_verify_step_is_token_exact_without_recompiling(draft, tmp_path):
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    report = hfaccel.accelerate_model(model, speculative={"draft": draft, "adaptive": False, "num_draft_tokens": 4},
+                                      compile={"enabled": True})
+    assert "hfaccel_compiled_verify" in [c.target for c in report.changes if c.feature == "compile"]
+    assert not any(s.feature == "compile" for s in report.skipped)
+    stats = model.hfaccel_compile_stats
+    assert stats.compilations == 2 and stats.warmup_seconds > 0      # width 1, and widths 2-5 in one graph
+    for rows, seed in ((1, 3), (1, 8), (4, 3), (4, 5)):
+        ids, mask = batch(ref.config.vocab_size, rows, seed)
+        kw = {"attention_mask": mask, "max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw)), (rows, seed)
+        assert model.hfaccel_spec_stats.last["accepted"] > 0
+    assert stats.compilations == 4 and stats.compiled_calls == 4 and stats.fallback_calls == 0   # + batch 4
+    # sampling runs through the same compiled verify: top_k=1 is greedy
+    ids, mask = batch(ref.config.vocab_size, 2, 11)
+    kw = {"attention_mask": mask, "max_new_tokens": 12, "pad_token_id": 0}
+    got = model.generate(ids, do_sample=True, top_k=1, temperature=0.7, **kw)
+    assert torch.equal(got, ref.generate(ids, do_sample=False, **kw)) and stats.compiled_calls == 5
+    hfaccel.revert_model(model)
+    assert "hfaccel_compiled_verify" not in model.__dict__ and model.config._attn_implementation == \
+        ref.config._attn_implementation
+
+
+def test_compiled_verify_logits_follow_each_rows_own_columns():
+    """Logits of two compiled verify steps, rows advancing by different accepted counts, against a plain
+    forward over each row's own tokens (sensitive to every cached column, unlike greedy tokens of a tiny
+    random model)."""
+    from transformers import DynamicCache
+
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    hfaccel.accelerate_model(model, speculative={"draft": "prompt-lookup", "num_draft_tokens": 3},
+                             compile={"enabled": True})
+    dec = model.hfaccel_compiled_verify
+    ids, mask = batch(ref.config.vocab_size, 3)
+    b, p = ids.shape
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        buf = dec.load_prefill(cache, p, mask.bool(), 40)
+        dec.verify_costs(b, 4)                      # measuring must not touch a decode in progress
+        col = torch.full((b,), p)
+        rows = [ids[r][mask[r].bool()].tolist() for r in range(b)]
+        for accepted in ([1, 3, 0], [2, 0, 4]):
+            step = torch.randint(3, ref.config.vocab_size, (b, 4), generator=g)
+            pos = torch.tensor([len(r) for r in rows])[:, None] + torch.arange(4)
+            got = dec.verify(buf, step, pos, col)
+            for r in range(b):
+                seq = torch.tensor([rows[r] + step[r].tolist()])
+                want = ref(seq).logits[0, -4:]
+                torch.testing.assert_close(got[r], want, rtol=1e-4, atol=1e-4)
+                rows[r] += step[r, :accepted[r]].tolist()
+            col = col + torch.tensor(accepted)
 
 
 def test_layer_skip_draft_shares_parameters_and_leaves_the_target_whole():

@@ -145,7 +145,8 @@ def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats, policy
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=model.config)
-            loop = Verifier(model, draft, cache, policy=policy, stats=stats, sampling=sampling)
+            loop = Verifier(model, draft, cache, policy=policy, stats=stats, sampling=sampling,
+                            compiled=model.__dict__.get("hfaccel_compiled_verify"))
             try:
                 if streamer is not None:
                     streamer.put(ids.cpu())
@@ -159,6 +160,11 @@ def make_generate(model: nn.Module, draft: Draft, spec, stats: SpecStats, policy
         return torch.cat([ids, rest], dim=1)
 
     return generate
+
+
+def max_draft_tokens(spec) -> int:
+    """speculative.num_draft_tokens, or its default: 10 for prompt lookup (its drafts cost nothing), else 5."""
+    return spec.num_draft_tokens or (10 if spec.draft == "prompt-lookup" else 5)
 
 
 def _draft_problem(model: nn.Module, draft: nn.Module) -> str | None:
@@ -293,12 +299,15 @@ def plan_speculative(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
 
     def apply(rw) -> None:
         draft, label = build_draft(model, spec, cfg, draft_model)
-        max_k = spec.num_draft_tokens or (10 if draft.free else 5)
+        max_k = max_draft_tokens(spec)
         stats = SpecStats()
-        def measure(batch: int) -> tuple[list[float], float]:
+
+        def measure(batch: int, compiled=None) -> tuple[list[float], float]:
             reps = 3 if batch == 1 else 2
             draft_cost = measure_widths(draft.model, 1, reps=reps, batch=batch)[1] \
                 if isinstance(draft, ModelDraft) else 0.0
+            if compiled is not None:              # the compile stage's verify step (hfaccel.compile)
+                return compiled.verify_costs(batch, max_k + 1, reps=reps), draft_cost
             return measure_widths(model, max_k + 1, reps=reps, batch=batch), draft_cost
 
         cost, draft_cost = measure(1)
@@ -313,10 +322,9 @@ def plan_speculative(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                           f"draft tokens, {adapt}; batch 1 verify ms by width {widths}; draft token "
                           f"{draft_cost * 1e3:.1f} ms; other batch sizes measured at their first call)")
 
-    most = spec.num_draft_tokens or ("10" if spec.draft == "prompt-lookup" else "5")
-    return Plan("speculative", apply, f"speculative decoding (draft={what}, up to {most} tokens, "
+    return Plan("speculative", apply, f"speculative decoding (draft={what}, up to {max_draft_tokens(spec)} tokens, "
                                       f"{'adaptive' if spec.adaptive else 'fixed'})")
 
 
-__all__ = ["build_draft", "eligibility", "make_generate", "plan_speculative"]
+__all__ = ["build_draft", "eligibility", "make_generate", "max_draft_tokens", "plan_speculative"]
 

@@ -145,23 +145,24 @@ class DraftPolicy:
         self.draft_cost = draft_cost if cost else 0.0
         # measure(batch) -> (cost, draft_cost): verify cost depends on batch x width (the matmuls' M), so
         # each batch bucket (1, 2, 4, 8, 16+) gets its own table, measured at its first call
+        # measure(batch, compiled) -> (cost, draft_cost); a compiled verify step (hfaccel.compile) has its own
         self.measure = measure
-        self.tables: dict[int, tuple[list[float], float]] = {1: (self.cost, self.draft_cost)} if cost else {}
+        self.tables: dict[tuple, tuple[list[float], float]] = {(False, 1): (self.cost, self.draft_cost)} if cost else {}
         self.measure_seconds = 0.0
         self.prior = prior
         self.alpha: dict = {}
         self.idle: dict = {}
         self.interval: dict = {}
 
-    def use_batch(self, batch: int) -> None:
+    def use_batch(self, batch: int, compiled=None) -> None:
         if self.measure is None:
             return
-        bucket = min(16, 1 << max(0, batch - 1).bit_length())
-        if bucket not in self.tables:
+        key = (compiled is not None, min(16, 1 << max(0, batch - 1).bit_length()))
+        if key not in self.tables:
             t = time.perf_counter()
-            self.tables[bucket] = self.measure(bucket)
+            self.tables[key] = self.measure(key[1], compiled)
             self.measure_seconds += time.perf_counter() - t
-        self.cost, self.draft_cost = self.tables[bucket]
+        self.cost, self.draft_cost = self.tables[key]
 
     def _best(self, top: int, a: float) -> int:
         a = min(max(a, 0.0), 0.99)
@@ -204,10 +205,22 @@ class Verifier:
     ends (the layout generate() returns)."""
 
     def __init__(self, model, draft: Draft, cache, *, policy: DraftPolicy, stats: SpecStats,
-                 sampling: Sampling | None = None):
+                 sampling: Sampling | None = None, compiled=None):
         self.model, self.draft, self.cache = model, draft, cache
         self.policy, self.stats = policy, stats
         self.sampling = sampling
+        # hfaccel.compile.CompiledDecoder: verify steps run compiled over its decode buffers (each row
+        # writes at its own column, so a rejected draft is overwritten instead of cropped)
+        self.compiled = compiled
+        self.buf = self.col = None
+
+    def _verify(self, ids, mask, positions):
+        if self.buf is None:
+            return self._forward(ids, mask, positions)
+        t = time.perf_counter()
+        logits = self.compiled.verify(self.buf, ids, positions, self.col)
+        self.stats.target_seconds += time.perf_counter() - t
+        return logits
 
     def _forward(self, ids, mask, positions, keep: int | None = None):
         t = time.perf_counter()
@@ -248,6 +261,20 @@ class Verifier:
         logits = self._forward(ids[:, have:], cols, positions[:, have:], keep=1)[:, -1]
         produced = torch.zeros(b, dtype=torch.long, device=dev)
         last = self._pick(suppress_eos(logits[:, None], produced[:, None])[:, 0])
+        policy = self.policy
+        if self.compiled is not None:
+            from ..compile import columns_for
+
+            # a row's columns end at most max_k past its budget, and a verify writes max_k + 1 beyond that
+            room = new + 2 * (self.policy.max_k + 1)
+            if self.compiled.has_room_for(b, columns_for(p, room)):
+                policy.use_batch(b, self.compiled)            # first: measuring runs the compiled step
+                self.buf = self.compiled.load_prefill(self.cache, p, cols, room)
+                self.col = torch.full((b,), p, dtype=torch.long, device=dev)
+                self.compiled.stats.compiled_calls += 1
+            else:
+                self.compiled.stats.fallback_calls += 1
+                self.compiled.stats.fallback_reasons["compiled shapes used up: eager verify"] += 1
         out = [[int(t)] for t in last]
         produced += 1
         done = torch.isin(last, eos_t) | (produced >= new)
@@ -256,8 +283,8 @@ class Verifier:
         state = DraftState(tokens=ids, cols=cols, positions=positions, last=last,
                            history=[row[m].tolist() + [int(t)] for row, m, t in zip(ids, cols, last)])
         self.draft.begin(state)
-        policy = self.policy
-        policy.use_batch(b)
+        if self.buf is None:
+            policy.use_batch(b)
         while not bool(done.all()):
             room = int((new - produced)[~done].max())          # tokens the neediest live row may still take
             free = self.draft.free
@@ -282,7 +309,7 @@ class Verifier:
             step_ids = torch.cat([state.last[:, None], drafts], dim=1)                       # [B, kk + 1]
             step_mask = torch.cat([state.cols, torch.ones(b, kk + 1, dtype=torch.bool, device=dev)], dim=1)
             step_pos = state.cols.sum(1, keepdim=True) + torch.arange(kk + 1, device=dev)   # next positions
-            logits = self._forward(step_ids, step_mask, step_pos)                            # [B, kk + 1, V]
+            logits = self._verify(step_ids, step_mask, step_pos)                             # [B, kk + 1, V]
             logits = suppress_eos(logits, produced[:, None] + torch.arange(kk + 1, device=dev))
             if self.sampling is None:
                 target = logits.argmax(-1)
@@ -316,7 +343,9 @@ class Verifier:
             # keep the columns some live row accepted: [last, accepted drafts]; crop the rest
             accepted_cols = torch.where(live, n + 1, 0)
             keep = int(accepted_cols.max()) if bool(live.any()) else 1
-            if keep < kk + 1:
+            if self.buf is not None:
+                self.col = self.col + accepted_cols                 # the rest is overwritten by the next verify
+            elif keep < kk + 1:
                 self.cache.crop(-(kk + 1 - keep))
             new_cols = torch.arange(keep, device=dev) < accepted_cols[:, None]
             state.tokens = torch.cat([state.tokens, step_ids[:, :keep]], dim=1)
