@@ -115,8 +115,8 @@ def main() -> None:
           "draft s | target s | agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (kind, bs), calls in batches.items():
-        for m in systems.values():                                   # warm-up: one short call each
-            m.generate(calls[0][0], attention_mask=calls[0][1], max_new_tokens=4, do_sample=False)
+        for m in systems.values():      # warm-up: a full-length call each (compiled steps build their bucket)
+            m.generate(calls[0][0], attention_mask=calls[0][1], max_new_tokens=args.new, do_sample=False)
         base_rate = plain_rate = None
         for name, m in systems.items():
             total_t = total_n = 0
