@@ -400,17 +400,7 @@ class CompiledDecoder:
             self._verify_checked = True
         for k in (*buf.keys, *buf.values):
             k.zero_()
-        sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
-        cost = [0.0]
-        for w in range(1, max_width + 1):
-            times = []
-            for _ in range(reps + 1):
-                sync()
-                t = time.perf_counter()
-                self.verify(buf, ids[:, :w], pos[:, :w], col)
-                sync()
-                times.append(time.perf_counter() - t)
-            cost.append(sorted(times[1:])[len(times[1:]) // 2])
+        cost = width_times(lambda w: self.verify(buf, ids[:, :w], pos[:, :w], col), max_width, reps, p.device)
         self._costs[(batch, max_width)] = cost
         return cost
 
@@ -514,6 +504,25 @@ class CompiledDecoder:
                 k.zero_()
             self.decode(buf, first, 0, pos, steps, 0, [], 0)
         return time.perf_counter() - t
+
+
+def width_times(run, max_width: int, reps: int, device: torch.device, after=None) -> list[float]:
+    """Median seconds of run(w) for w = 1..max_width (index 0 unused), `reps` timed calls after one warm-up;
+    after(w), untimed, follows every call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cost = [0.0]
+    for w in range(1, max_width + 1):
+        times = []
+        for _ in range(reps + 1):
+            sync()
+            t = time.perf_counter()
+            run(w)
+            sync()
+            times.append(time.perf_counter() - t)
+            if after is not None:
+                after(w)
+        cost.append(sorted(times[1:])[len(times[1:]) // 2])
+    return cost
 
 
 _codes = itertools.count()
@@ -660,10 +669,7 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
             return _plan_compiled_verify(model, cfg)
 
     def apply(rw) -> None:
-        inner = model.config._attn_implementation
-        if not inner.startswith(STEP_PREFIX):
-            rw.set_attn_implementation(register_step_attention(inner))
-        decoder = CompiledDecoder(model, c.mode)
+        decoder = _install_decoder(rw, model, c.mode)
         if c.warmup:
             decoder.stats.warmup_seconds = decoder.warm_up()
         rw.set_attr(model, "hfaccel_compile_stats", decoder.stats, target="hfaccel_compile_stats",
@@ -677,6 +683,14 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                                   f"(torch.compile mode={c.mode})")
 
 
+def _install_decoder(rw, model: nn.Module, mode: str) -> CompiledDecoder:
+    """The step attention (every call without the step's kwargs goes to the inner one) and a decoder."""
+    inner = model.config._attn_implementation
+    if not inner.startswith(STEP_PREFIX):
+        rw.set_attn_implementation(register_step_attention(inner))
+    return CompiledDecoder(model, mode)
+
+
 def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
     """Speculative decoding drives generate(): compile its verify step instead of the one-token step."""
     from .speculative.feature import max_draft_tokens
@@ -685,10 +699,7 @@ def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
     width = max_draft_tokens(cfg.speculative) + 1
 
     def apply(rw) -> None:
-        inner = model.config._attn_implementation
-        if not inner.startswith(STEP_PREFIX):
-            rw.set_attn_implementation(register_step_attention(inner))
-        decoder = CompiledDecoder(model, c.mode)
+        decoder = _install_decoder(rw, model, c.mode)
         if c.warmup:
             t = time.perf_counter()
             decoder.verify_costs(1, width)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..cache.paged import PagedCache
 from ..compat import cache_arg, call_arguments, check_prompt
-from ..compile import _eos_and_pad, _new_token_budget, _setting, why_not
+from ..compile import _eos_and_pad, _new_token_budget, _setting, why_not, width_times
 from ..errors import ConfigError
 from ..registry import Plan, register_feature
 from ..report import Skip
@@ -181,7 +181,6 @@ def _draft_problem(model: nn.Module, draft: nn.Module) -> str | None:
 def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: int = 3, batch: int = 1) -> list[float]:
     """Seconds of one forward of width 1..max_width over a `context`-token cache (`batch` rows, median of
     `reps` after a warm-up); index 0 is unused."""
-    import time
 
     from transformers import DynamicCache
 
@@ -191,19 +190,9 @@ def measure_widths(model: nn.Module, max_width: int, context: int = 64, reps: in
     ids = torch.randint(0, vocab, (batch, context + max_width), generator=g).to(dev)
     cache = DynamicCache(config=model.config)
     model(input_ids=ids[:, :context], **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    cost = [0.0]
-    for w in range(1, max_width + 1):
-        times = []
-        for _ in range(reps + 1):
-            sync()
-            t = time.perf_counter()
-            model(input_ids=ids[:, context:context + w], **cache_arg(model, cache), use_cache=True)
-            sync()
-            times.append(time.perf_counter() - t)
-            cache.crop(-w)
-        cost.append(sorted(times[1:])[len(times[1:]) // 2])
-    return cost
+    return width_times(lambda w: model(input_ids=ids[:, context:context + w], **cache_arg(model, cache),
+                                       use_cache=True),
+                       max_width, reps, dev, after=lambda w: cache.crop(-w))
 
 
 def build_draft(model: nn.Module, spec, cfg, draft_model=None) -> tuple[Draft, str]:
