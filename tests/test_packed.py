@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import hfaccel
 from hfaccel import models, packed
 from hfaccel.device import weight_bytes
-from tests.conftest import greedy, prompts
+from tests.conftest import assert_compiled_greedy_equal, greedy, prompts
 
 pytestmark = pytest.mark.skipif(packed.available() is not None, reason=str(packed.available()))
 
@@ -90,9 +90,7 @@ def test_compiled_decode_step_runs_packed_layers(always):
     model, ref = models.tiny("llama"), models.tiny("llama")
     hfaccel.accelerate_model(model, "cpu-fast", fusion=ON)
     assert packed_paths(model)
-    ids = prompts(ref.config.vocab_size, batch=1, length=9)
-    assert torch.equal(greedy(model, ids, n=20), greedy(ref, ids, n=20))
-    assert model.hfaccel_compile_stats.compiled_calls == 1
+    assert_compiled_greedy_equal(model, ref)
 
 
 def test_state_dict_checkpoint_and_tied_head(always, tmp_path):
