@@ -217,11 +217,24 @@ class QuantizationConfig(_Section):
     calibration_seq_len: int = _opt(512, min=8, max=1_000_000, doc="tokens per calibration sequence")
     modules_to_not_convert: list[str] = _opt([], doc="module name patterns left in float")
     quantize_lm_head: bool = _opt(False, doc="quantize the head (an untied copy when embeddings are tied)")
+    lm_head_bits: int | None = _opt(None, choices=(4, 8), doc="bits of the quantized head (null: bits); 8 keeps it "
+                                   "int8 per channel, round to nearest, under int4 layers")
 
     def _check(self) -> None:
         if self.method in ("gptq", "awq") and self.bits != 4:
             raise ConfigError(f"quantization.bits = {self.bits!r} is not allowed with method {self.method!r}; "
                               f"allowed: 4", key="quantization.bits", value=self.bits, allowed=(4,))
+        if self.lm_head_bits is not None and not self.quantize_lm_head:
+            raise ConfigError(f"quantization.lm_head_bits = {self.lm_head_bits!r} needs quantize_lm_head: true; "
+                              f"allowed without it: null", key="quantization.lm_head_bits", value=self.lm_head_bits,
+                              allowed=(None,))
+        if self.lm_head_bits is not None and self.method in ("bnb-int8", "bnb-nf4"):
+            raise ConfigError(f"quantization.lm_head_bits = {self.lm_head_bits!r} is not allowed with method "
+                              f"{self.method!r} (bitsandbytes quantizes the head with its own method); allowed: null",
+                              key="quantization.lm_head_bits", value=self.lm_head_bits, allowed=(None,))
+        if self.lm_head_bits == 4 and self.group_size == -1:
+            raise ConfigError("quantization.lm_head_bits = 4 needs group_size 32, 64 or 128; it is -1",
+                              key="quantization.group_size", value=-1, allowed=(32, 64, 128))
 
 
 SPECULATIVE_DRAFTS = ("prompt-lookup", "self-int8", "self-int4", "layer-skip:N", "<path to a model folder>")

@@ -20,13 +20,21 @@ REQUIRED_PRESETS = {"cpu-fast", "cpu-int8", "cpu-int4", "gpu-throughput", "gpu-i
     (dict(quantization={"bits": 3}), "quantization.bits", "quantization.bits = 3 is not allowed; allowed: 4, 8"),
     (dict(quantization={"bitz": 4}), "quantization.bitz",
      "unknown key 'quantization.bitz'; allowed keys in quantization: method, bits, group_size, sym, desc_act, "
-     "damp_percent, calibration_samples, calibration_seq_len, modules_to_not_convert, quantize_lm_head; "
+     "damp_percent, calibration_samples, calibration_seq_len, modules_to_not_convert, quantize_lm_head, "
+     "lm_head_bits; "
      "did you mean 'bits'?"),
     (dict(quantization={"method": "gptq", "bits": 8}), "quantization.bits",
      "quantization.bits = 8 is not allowed with method 'gptq'; allowed: 4"),
     (dict(quantization={"method": "gtpq"}), "quantization.method",
      "quantization.method = 'gtpq' is not allowed; allowed: 'none', 'rtn', 'gptq', 'awq', 'bnb-int8', 'bnb-nf4'; "
      "did you mean 'gptq'?"),
+    (dict(quantization={"lm_head_bits": 8}), "quantization.lm_head_bits",
+     "quantization.lm_head_bits = 8 needs quantize_lm_head: true; allowed without it: null"),
+    (dict(quantization={"method": "bnb-nf4", "quantize_lm_head": True, "lm_head_bits": 8}), "quantization.lm_head_bits",
+     "quantization.lm_head_bits = 8 is not allowed with method 'bnb-nf4' (bitsandbytes quantizes the head with its "
+     "own method); allowed: null"),
+    (dict(quantization={"bits": 8, "group_size": -1, "quantize_lm_head": True, "lm_head_bits": 4}),
+     "quantization.group_size", "quantization.lm_head_bits = 4 needs group_size 32, 64 or 128; it is -1"),
     (dict(quantization={"modules_to_not_convert": "lm_head"}), "quantization.modules_to_not_convert",
      "quantization.modules_to_not_convert = 'lm_head' has type str; expected a list of str"),
     (dict(compile={"enabled": "yes"}), "compile.enabled", "compile.enabled = 'yes' has type str; expected bool"),

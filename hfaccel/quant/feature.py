@@ -68,6 +68,17 @@ def _dtensor_weight(module: nn.Module) -> bool:
     return _is_dtensor(getattr(module, "weight", None))
 
 
+def head_bits(q) -> int:
+    return q.lm_head_bits or q.bits
+
+
+def quantize_head(linear: nn.Module, q) -> Int8Linear | Int4Linear:
+    """The head's quantized layer, round to nearest at lm_head_bits (default: the layers' bits)."""
+    if head_bits(q) == 8:
+        return Int8Linear.from_linear(linear)
+    return Int4Linear.from_linear(linear, q.group_size, q.sym)
+
+
 def _tied(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
@@ -113,8 +124,8 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                      f"forward (e.g. {sharded[0]})")
     if head is not None:
         if head in paths:
-            notes.append(f"head {head} quantized" + (" as its own copy; the tied input embedding stays float"
-                                                     if _tied(model) else ""))
+            notes.append(f"head {head} quantized int{head_bits(q)}"
+                         + (" as its own copy; the tied input embedding stays float" if _tied(model) else ""))
         else:
             notes.append(f"head {head} kept in float (quantize_lm_head: false)")
     what = "int8 per channel" if q.bits == 8 else f"int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
@@ -126,12 +137,14 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         sqnr, padded, kernels = [], [], Counter()
         for path in paths:
             linear = model.get_submodule(path)
-            if q.bits == 8:
+            if path == head:
+                new = quantize_head(linear, q)
+            elif q.bits == 8:
                 new = Int8Linear.from_linear(linear)
             else:
                 new = Int4Linear.from_linear(linear, q.group_size, q.sym)
-                if new.padded:
-                    padded.append(f"{path} ({new.in_features}->{new.in_features + new.padded})")
+            if isinstance(new, Int4Linear) and new.padded:
+                padded.append(f"{path} ({new.in_features}->{new.in_features + new.padded})")
             sqnr.append(sqnr_db(linear_weight(linear), new.dequantize()))
             kernels[new.kernel] += 1
             rw.swap_module(path, new, lossless=False, keep_original=cfg.keep_original,
@@ -176,9 +189,9 @@ def _plan_calibrated(model: nn.Module, ctx, cfg, paths: list[str], notes: list[s
         sqnr = stats["sqnr"]
         for path in rest:                                            # outside the decoder layers: round to nearest
             linear = model.get_submodule(path)
-            new = Int4Linear.from_linear(linear, q.group_size, q.sym)
+            new = quantize_head(linear, q)
             rw.swap_module(path, new, lossless=False, keep_original=cfg.keep_original,
-                           label=f"Int4Linear ({new.kernel}, rtn)")
+                           label=f"{type(new).__name__} ({new.kernel}, rtn)")
             notes.append(f"{path}: outside the decoder layers, quantized round-to-nearest")
         notes.append(f"quantization {what} is lossy: {stats['layers']} layers, weight SQNR min {min(sqnr):.1f} dB, "
                      f"mean {sum(sqnr) / len(sqnr):.1f} dB; calibration: {source}; measure the perplexity cost "

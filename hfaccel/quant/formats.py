@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import HfaccelError
-from .layers import INT4_GROUPS, Int4Linear
+from .layers import INT4_GROUPS, Int4Linear, Int8Linear
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 FORMATS = ("gptq", "awq")
@@ -159,6 +159,9 @@ def save_quantized(model, path: str | Path, fmt: str = "gptq", *, dtype: torch.d
                    max_shard_bytes: int | None = None) -> Path:
     """Write `model` (with hfaccel Int4Linear layers) as a GPTQ or AWQ checkpoint folder.
 
+    An Int8Linear (an int8 head under int4 layers, `lm_head_bits: 8`) is written as the float weight it
+    computes, since both formats hold 4-bit layers only; the config then unties the head.
+
     dtype: cast every floating tensor outside the quantized layers to this dtype and record it as the
     config's dtype (serving engines run GPTQ / AWQ kernels in float16; None keeps the model's dtypes).
     max_shard_bytes: split model.safetensors into model-0000i-of-0000n.safetensors files of at most this
@@ -184,10 +187,17 @@ def save_quantized(model, path: str | Path, fmt: str = "gptq", *, dtype: torch.d
     for name, layer in layers.items():
         for key, t in layer_tensors(layer, fmt).items():
             tensors[f"{name}.{key}"] = t
+    # an int8 layer (lm_head_bits: 8) has no GPTQ v1 / AWQ GEMM form: it is written as the float weight it computes
+    int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    for name, layer in int8.items():
+        tensors[f"{name}.weight"] = layer.dequantize().detach().cpu().to(dtype or torch.float32).contiguous()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().cpu().to(dtype or layer.bias.dtype).contiguous()
+    quantized = {**layers, **int8}
     seen: dict[int, str] = {}
     for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
-        if owner in layers or any(owner.startswith(f"{name}.") for name in layers):
+        if owner in quantized or any(owner.startswith(f"{name}.") for name in quantized):
             continue
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen and getattr(model.config, "tie_word_embeddings", False):
@@ -211,8 +221,8 @@ def save_quantized(model, path: str | Path, fmt: str = "gptq", *, dtype: torch.d
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    if isinstance(head, Int4Linear):
-        config["tie_word_embeddings"] = False          # the head is its own quantized copy
+    if isinstance(head, (Int4Linear, Int8Linear)):
+        config["tie_word_embeddings"] = False          # the head is its own (quantized or dequantized) copy
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     shards = _shards(tensors, max_shard_bytes)

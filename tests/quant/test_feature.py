@@ -56,8 +56,34 @@ def test_modules_to_not_convert_and_quantized_head_copy():
     done = quantized(model)
     assert "lm_head" in done and not any("down_proj" in n for n in done)
     assert "model.layers.0.self_attn.q_proj" not in done and "model.layers.1.self_attn.q_proj" in done
-    assert "head lm_head quantized as its own copy; the tied input embedding stays float" in report.notes
+    assert "head lm_head quantized int8 as its own copy; the tied input embedding stays float" in report.notes
     assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_int8_head_under_int4_layers(method):
+    """lm_head_bits: 8 keeps the (tied) head int8 per channel, round to nearest, while every other layer is int4;
+    its output stays within int8 rounding of the float head."""
+    model = models.tiny("llama", tie_word_embeddings=True)
+    head = copy.deepcopy(model.lm_head)
+    report = hfaccel.accelerate_model(model, quantization={
+        "method": method, "bits": 4, "group_size": 32, "quantize_lm_head": True, "lm_head_bits": 8,
+        "calibration_samples": 4, "calibration_seq_len": 32})
+    done = quantized(model)
+    assert isinstance(done.pop("lm_head"), Int8Linear)
+    assert done and all(isinstance(m, Int4Linear) for m in done.values())
+    assert "head lm_head quantized int8 as its own copy; the tied input embedding stays float" in report.notes
+    assert model.model.embed_tokens.weight.dtype == torch.float32            # the embedding is not touched
+    x = torch.randn(3, 5, model.config.hidden_size)
+    ref, out = head(x), model.lm_head(x.to(torch.bfloat16)).float()
+    assert sqnr(ref, out) > 30
+    int4 = models.tiny("llama", tie_word_embeddings=True)
+    hfaccel.accelerate_model(int4, quantization={"method": "rtn", "bits": 4, "group_size": 32, "quantize_lm_head": True})
+    assert isinstance(int4.lm_head, Int4Linear) and sqnr(ref, int4.lm_head(x.to(torch.bfloat16)).float()) < sqnr(ref, out)
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
 
 
 def test_revert_refused_without_keep_original_and_exact_with_it():

@@ -84,6 +84,22 @@ def test_round_trip_keeps_every_code_and_the_greedy_output(tmp_path, fmt, sym):
     assert not hfaccel.accelerate_model(loaded, "cpu-fast").noop              # and it accelerates as usual
 
 
+def test_an_int8_head_is_written_as_the_float_weight_it_computes(tmp_path):
+    model = models.tiny("llama", tie_word_embeddings=True)
+    hfaccel.accelerate_model(model, quantization={"method": "rtn", "bits": 4, "group_size": 32,
+                                                  "quantize_lm_head": True, "lm_head_bits": 8})
+    save_quantized(model, tmp_path, "gptq")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["lm_head"] is False
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert not any(k.startswith("lm_head.") and k != "lm_head.weight" for k in tensors)    # no int8 buffers
+    assert torch.equal(tensors["lm_head.weight"], model.lm_head.dequantize())
+    loaded = load_quantized(tmp_path)
+    assert isinstance(loaded.lm_head, torch.nn.Linear) and torch.equal(loaded.lm_head.weight, tensors["lm_head.weight"])
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
 def test_gptq_v1_refuses_zero_point_zero_and_padded_layers_are_refused(tmp_path):
     model = quantized_tiny(sym=False, positive_layer=True)
     with pytest.raises(CheckpointError, match=r"zero point of 0 cannot be stored in GPTQ v1"):
