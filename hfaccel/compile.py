@@ -691,19 +691,46 @@ def _install_decoder(rw, model: nn.Module, mode: str) -> CompiledDecoder:
     return CompiledDecoder(model, mode)
 
 
+def _draft_decoder(rw, draft, cfg, mode: str) -> CompiledDecoder | None:
+    """A compiled step for a model draft (self-int8/int4, layer-skip, a draft model), or None where its
+    model cannot be compiled. Its attention gets the step wrapper (recorded: a draft_model= is the user's);
+    a layer-skip draft's layers are the target's, whose attention has the wrapper already."""
+    dm = getattr(draft, "model", None)
+    if dm is None or _compile_problem(dm, cfg) is not None:
+        return None
+    inner = dm.config._attn_implementation
+    if not inner.startswith(STEP_PREFIX) and not draft.name.startswith("layer-skip"):
+        step = register_step_attention(inner)
+        dm.set_attn_implementation(step)
+        rw.record("hfaccel_draft.config._attn_implementation", inner, step,
+                  lambda: dm.set_attn_implementation(inner), lossless=True)
+    return CompiledDecoder(dm, mode)
+
+
 def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
     """Speculative decoding drives generate(): compile its verify step instead of the one-token step."""
     from .speculative.feature import max_draft_tokens
 
     c = cfg.compile
     width = max_draft_tokens(cfg.speculative) + 1
+    notes: list[str] = []
 
     def apply(rw) -> None:
         decoder = _install_decoder(rw, model, c.mode)
+        draft = model.__dict__.get("hfaccel_draft")
+        draft_decoder = _draft_decoder(rw, draft, cfg, c.mode)
         if c.warmup:
             t = time.perf_counter()
             decoder.verify_costs(1, width)
+            if draft_decoder is not None:
+                draft_decoder.verify_costs(1, 2)
             decoder.stats.warmup_seconds = time.perf_counter() - t
+        if draft_decoder is not None:
+            rw.set_attr(draft, "compiled", draft_decoder, target="hfaccel_draft.compiled",
+                        label=f"the draft model's tokens through a compiled step of its own (torch.compile "
+                              f"mode={c.mode}, prompt prefilled eagerly)")
+        elif getattr(draft, "model", None) is not None:
+            notes.append(f"the draft model runs eagerly: {_compile_problem(draft.model, cfg)}")
         rw.set_attr(model, "hfaccel_compile_stats", decoder.stats, target="hfaccel_compile_stats",
                     label="compiled calls, fallbacks, compilations, warm-up")
         rw.set_attr(model, "hfaccel_compiled_verify", decoder, target="hfaccel_compiled_verify",
@@ -713,7 +740,7 @@ def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
                            + ")"))
 
     return Plan("compile", apply, f"compiled speculative verify step, buckets of {BUCKET} columns "
-                                  f"(torch.compile mode={c.mode})")
+                                  f"(torch.compile mode={c.mode})", notes)
 
 
 __all__ = ["BUCKET", "CompileStats", "CompiledDecoder", "register_step_attention", "step_attention", "why_not"]

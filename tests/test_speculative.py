@@ -317,6 +317,48 @@ def test_compiled_verify_step_is_token_exact_without_recompiling(draft, tmp_path
         ref.config._attn_implementation
 
 
+@pytest.mark.parametrize("draft", ["layer-skip:1", "self-int4", "draft_model"])
+def test_compiled_model_drafts_are_token_exact_and_keep_each_rows_history_in_its_columns(draft, tmp_path):
+    """A model draft runs through a compiled step of its own. Greedy output stays exact at batch 1 and 4,
+    nothing recompiles on later calls, and after a call every row's buffer columns hold the K/V an eager
+    forward over that row's history gives (what greedy tokens of a random tiny model would hardly show)."""
+    from transformers import DynamicCache
+
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    user_draft = models.tiny("llama")                 # the target itself: everything is accepted
+    before = user_draft.config._attn_implementation
+    kw = {"draft_model": user_draft} if draft == "draft_model" else {}
+    spec = {"draft": None if draft == "draft_model" else draft, "num_draft_tokens": 4, "adaptive": False}
+    report = hfaccel.accelerate_model(model, speculative=spec, compile={"enabled": True}, **kw)
+    assert "hfaccel_draft.compiled" in [c.target for c in report.changes if c.feature == "compile"]
+    d = model.hfaccel_draft
+    stats = d.compiled.stats
+    for rows, seed in ((1, 3), (4, 3), (4, 5), (1, 8)):
+        ids, mask = batch(ref.config.vocab_size, rows, seed)
+        kw = {"attention_mask": mask, "max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+        got = model.generate(ids, **kw)
+        assert torch.equal(got, ref.generate(ids, **kw)), (rows, seed)
+        assert model.hfaccel_spec_stats.last["accepted"] > 0
+        if rows == 4 and seed == 3:
+            compilations = stats.compilations
+        buf = d.compiled._buffers
+        for r in range(rows):
+            history = ids[r][mask[r].bool()].tolist() + got[r, ids.shape[1]:].tolist()
+            seq = torch.tensor([history[:d.seen[r]]])
+            with torch.inference_mode():
+                cache = DynamicCache(config=d.model.config)
+                d.model(input_ids=seq, past_key_values=cache, use_cache=True)
+            for layer in range(len(buf.keys)):
+                cols = slice(d.offset[r], d.offset[r] + d.seen[r])
+                tol = {"rtol": 2e-2, "atol": 2e-2} if buf.keys[layer].dtype == torch.bfloat16 else {}
+                torch.testing.assert_close(buf.keys[layer][r, :, cols], cache.layers[layer].keys[0], **tol)
+                torch.testing.assert_close(buf.values[layer][r, :, cols], cache.layers[layer].values[0], **tol)
+    assert stats.compiled_calls == 4 and stats.fallback_calls == 0 and stats.compilations == compilations
+    hfaccel.revert_model(model)
+    assert "hfaccel_draft" not in model.__dict__
+    assert user_draft.config._attn_implementation == before      # the user's draft model is given back as it was
+
+
 def test_compiled_verify_logits_follow_each_rows_own_columns():
     """Logits of two compiled verify steps, rows advancing by different accepted counts, against a plain
     forward over each row's own tokens (sensitive to every cached column, unlike greedy tokens of a tiny

@@ -7,7 +7,9 @@
   (`layer_skip`), or from a quantized copy of the target (`quantized_copy`).
 
 A ModelDraft's cache mirrors the target's columns (holes included): after each verify step it is cropped to
-the columns the target kept, and the next proposal first feeds whatever columns it has not seen.
+the columns the target kept, and the next proposal first feeds whatever columns it has not seen. Under a
+compiled config (compile.enabled with a model draft) the draft decodes through a compiled step of its own
+instead, over decode buffers that hold each row's history contiguously (see ModelDraft).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class DraftState:
     positions: torch.Tensor       # [B, C] position id of each column
     last: torch.Tensor            # [B] the newest token, emitted but not yet in the cache
     history: list[list[int]]      # per row: real prompt tokens + every emitted token
+    room: int = 0                 # columns a row may still take past the prompt in this call (new tokens plus
+                                  # drafts fed beyond them): what a draft's decode buffers must hold
 
 
 class Draft(abc.ABC):
@@ -98,23 +102,79 @@ class PromptLookup(Draft):
 
 
 class ModelDraft(Draft):
-    """A causal LM proposing tokens from its own cache. `model` must share the target's vocabulary."""
+    """A causal LM proposing tokens from its own cache. `model` must share the target's vocabulary.
+
+    With `compiled` (an hfaccel.compile.CompiledDecoder of the draft model, set by the compile stage) a call
+    prefills the prompt eagerly, then drafts through the compiled verify step over decode buffers: each row
+    keeps its own tokens contiguous in the buffer (column = history index + the row's left padding), feeds
+    whatever of its history it has not seen (rows padded to the longest at their ends, each row's logits
+    read at its own last token), then one token per step. After the target's verdict a row keeps the fed
+    drafts that match what was emitted; the columns past them are overwritten by the next feed.
+    """
 
     def __init__(self, model: nn.Module, name: str, confidence_threshold: float | None = None):
         self.model = model
         self.name = name
         self.threshold = confidence_threshold
         self.cache = None
+        self.compiled = None          # the draft's CompiledDecoder, when the compile stage built one
+        self.buf = None
 
     def begin(self, state: DraftState) -> None:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
+        self.buf = None
+        if self.compiled is None or not state.room:
+            return
+        from ..compile import columns_for
+
+        b, p = state.tokens.shape
+        if not self.compiled.has_room_for(b, columns_for(p, state.room)):
+            self.compiled.stats.fallback_calls += 1
+            self.compiled.stats.fallback_reasons["compiled shapes used up: eager draft"] += 1
+            return
+        if not self.compiled._verify_checked:
+            self.compiled.verify_costs(b, 2, reps=1)        # checks the step reaches every layer's attention
+        with torch.inference_mode():
+            self.model(input_ids=state.tokens, attention_mask=state.cols, position_ids=state.positions,
+                       **cache_arg(self.model, self.cache), use_cache=True, logits_to_keep=1)
+            self.buf = self.compiled.load_prefill(self.cache, p, state.cols, state.room)
+        self.cache = None
+        real = state.cols.sum(1)
+        self.seen = real.tolist()                           # history tokens whose K/V the buffer holds, per row
+        self.offset = (p - real).tolist()                   # left padding: column = history index + offset
+        self.fed: list[list[int]] = [[] for _ in range(b)]  # drafts fed past the history, per row
+        self.compiled.stats.compiled_calls += 1
+
+    def _compiled_forward(self, ids: list[list[int]], start: list[int]) -> torch.Tensor:
+        """Feed row r's tokens ids[r] at history index start[r] onward; logits [B, V] at each row's last one."""
+        dev = self.buf.valid.device
+        w = max(len(t) for t in ids)
+        tokens = torch.tensor([t + [t[-1]] * (w - len(t)) for t in ids], dtype=torch.long, device=dev)
+        first = torch.tensor(start, dtype=torch.long, device=dev)
+        positions = first[:, None] + torch.arange(w, device=dev)
+        col = first + torch.tensor(self.offset, dtype=torch.long, device=dev)
+        logits = self.compiled.verify(self.buf, tokens, positions, col)
+        at = torch.tensor([len(t) - 1 for t in ids], device=dev)
+        return logits[torch.arange(len(ids), device=dev), at]
 
     def _forward(self, ids, mask, positions):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_arg(self.model, self.cache),
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+    def _draw(self, logits: torch.Tensor, alive: torch.Tensor, sampling):
+        """(token [B], draft probabilities [B, V] or None, rows still drafting [B])."""
+        if sampling is None:
+            p = logits.softmax(-1) if self.threshold is not None else None
+            tok = logits.argmax(-1)
+        else:
+            p = sampling.probs(logits)
+            tok = torch.multinomial(p, 1)[:, 0]
+        if self.threshold is not None:
+            alive = alive & (p.gather(-1, tok[:, None])[:, 0] >= self.threshold)
+        return tok, (p if sampling is not None else None), alive
 
     @torch.inference_mode()
     def propose(self, state: DraftState, k: int, done: torch.Tensor, sampling=None):
@@ -122,6 +182,8 @@ class ModelDraft(Draft):
         dev = state.last.device
         if k == 0:
             return torch.zeros(b, 0, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev), None
+        if self.buf is not None:
+            return self._propose_compiled(state, k, done, sampling)
         seen = self.cache.get_seq_length()
         ones = torch.ones(b, 1, dtype=torch.bool, device=dev)
         nxt_pos = state.cols.sum(1, keepdim=True)
@@ -132,16 +194,9 @@ class ModelDraft(Draft):
         alive = ~done
         lengths = torch.zeros(b, dtype=torch.long, device=dev)
         for j in range(k):
-            logits = self._forward(ids, mask, pos)
-            if sampling is None:
-                p = logits.softmax(-1) if self.threshold is not None else None
-                tok = logits.argmax(-1)
-            else:
-                p = sampling.probs(logits)
-                tok = torch.multinomial(p, 1)[:, 0]
+            tok, p, alive = self._draw(self._forward(ids, mask, pos), alive, sampling)
+            if p is not None:
                 probs.append(p)
-            if self.threshold is not None:
-                alive = alive & (p.gather(-1, tok[:, None])[:, 0] >= self.threshold)
             lengths += alive.long()
             drafts.append(tok)
             if not bool(alive.any()) or j == k - 1:
@@ -152,13 +207,48 @@ class ModelDraft(Draft):
         q = torch.stack(probs, dim=1) if probs else None
         return d, lengths, q
 
+    def _propose_compiled(self, state: DraftState, k: int, done: torch.Tensor, sampling):
+        b = len(state.history)
+        # a live row always has `last` to feed; a finished row feeds its last token again past its history
+        ids = [h[s:] or h[-1:] for h, s in zip(state.history, self.seen)]
+        start = list(self.seen)
+        self.seen = [len(h) for h in state.history]
+        alive = ~done
+        lengths = torch.zeros(b, dtype=torch.long, device=alive.device)
+        drafts, probs = [], []
+        for j in range(k):
+            tok, p, alive = self._draw(self._compiled_forward(ids, start).float(), alive, sampling)
+            if p is not None:
+                probs.append(p)
+            lengths += alive.long()
+            drafts.append(tok)
+            if not bool(alive.any()) or j == k - 1:
+                break
+            start = [s + len(t) for s, t in zip(start, ids)]
+            ids = [[t] for t in tok.tolist()]
+        d = torch.stack(drafts, dim=1)
+        self.fed = [row[:-1] for row in d.tolist()]                    # the last draft is never fed
+        return d, lengths, (torch.stack(probs, dim=1) if probs else None)
+
     def commit(self, state: DraftState) -> None:
+        if self.buf is not None:
+            for r, h in enumerate(state.history):          # keep the fed drafts the target emitted, in order
+                tail, m = h[self.seen[r]:], 0
+                while m < len(self.fed[r]) and m < len(tail) and self.fed[r][m] == tail[m]:
+                    m += 1
+                self.seen[r] += m
+            return
         extra = self.cache.get_seq_length() - state.cols.shape[1]
         if extra > 0:
             self.cache.crop(-extra)       # the columns the target dropped; kept ones match the target's tokens
 
+    def token_cost(self, batch: int, reps: int) -> float | None:
+        """Seconds of one compiled draft token for `batch` rows (None without a compiled step)."""
+        return None if self.compiled is None else self.compiled.verify_costs(batch, 2, reps=reps)[1]
+
     def end(self) -> None:
         self.cache = None
+        self.buf = None
 
 
 # ------------------------------------------------------------------------------------------ building drafts
@@ -201,8 +291,8 @@ def layer_skip(model: nn.Module, n: int) -> nn.Module:
 
 
 def quantized_copy(model: nn.Module, bits: int) -> nn.Module:
-    """A copy of `model` with RTN int8 (per channel) or int4 (group 64) weight layers and bf16 activations
-    where the device runs bf16 natively, built by hfaccel itself. Reads the target's tensors; the float
+    """A copy of `model` with RTN int8 (per channel) or int4 (group 64) weight layers, an int8 head and bf16
+    activations where the device runs bf16 natively, built by hfaccel itself. Reads the target's tensors; the float
     weights it quantizes are not duplicated (the copy starts as tensors shared with the target)."""
     from ..api import accelerate_model
 
@@ -221,7 +311,10 @@ def quantized_copy(model: nn.Module, bits: int) -> nn.Module:
     draft.tie_weights()
     draft.generation_config = copy.deepcopy(model.generation_config)
     draft.eval()
-    quant = {"method": "rtn", "bits": bits, "group_size": -1 if bits == 8 else 64}
+    # the head too, int8 per channel (a draft's head is read at every drafted token; its rounding only moves
+    # acceptance: the target verifies every token)
+    quant = {"method": "rtn", "bits": bits, "group_size": -1 if bits == 8 else 64, "quantize_lm_head": True,
+             "lm_head_bits": 8}
     accelerate_model(draft, {"name": f"self-int{bits} draft", "dtype": "auto", "quantization": quant,
                              "kv_cache": {"type": "dynamic"}})
     return draft

@@ -293,8 +293,10 @@ def plan_speculative(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
 
         def measure(batch: int, compiled=None) -> tuple[list[float], float]:
             reps = 3 if batch == 1 else 2
-            draft_cost = measure_widths(draft.model, 1, reps=reps, batch=batch)[1] \
-                if isinstance(draft, ModelDraft) else 0.0
+            draft_cost = 0.0
+            if isinstance(draft, ModelDraft):     # a compiled draft (compile stage) when the verify is compiled too
+                draft_cost = (compiled is not None and draft.token_cost(batch, reps)) or \
+                    measure_widths(draft.model, 1, reps=reps, batch=batch)[1]
             if compiled is not None:              # the compile stage's verify step (hfaccel.compile)
                 return compiled.verify_costs(batch, max_k + 1, reps=reps), draft_cost
             return measure_widths(model, max_k + 1, reps=reps, batch=batch), draft_cost

@@ -281,7 +281,8 @@ class Verifier:
         if streamer is not None:
             streamer.put(last.cpu())
         state = DraftState(tokens=ids, cols=cols, positions=positions, last=last,
-                           history=[row[m].tolist() + [int(t)] for row, m, t in zip(ids, cols, last)])
+                           history=[row[m].tolist() + [int(t)] for row, m, t in zip(ids, cols, last)],
+                           room=new + 2 * (policy.max_k + 1))
         self.draft.begin(state)
         if self.buf is None:
             policy.use_batch(b)
