@@ -69,3 +69,26 @@ def test_int4_sym_and_asym_grids():
 def test_group_size_is_validated():
     with pytest.raises(ValueError, match=r"group_size = 48 is not allowed; allowed: 32, 64, 128"):
         Int4Linear(torch.zeros(16, 96, dtype=torch.uint8), torch.ones(2, 16), torch.zeros(2, 16), 48)
+
+
+@pytest.mark.parametrize("make", [lambda lin: Int8Linear.from_linear(lin), lambda lin: Int4Linear.from_linear(lin, 64)],
+                         ids=["int8", "int4"])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 576), (2, 3, 576)])
+def test_bf16_input_takes_the_direct_kernel_path_with_the_general_paths_result(make, shape):
+    lin = linear(192, 576, bias=False)
+    layer = make(lin)
+    x = torch.randn(*shape).to(torch.bfloat16)
+    calls = []
+    general = layer._matmul
+    layer._matmul = lambda x2: calls.append(x2) or general(x2)
+    got = layer(x)
+    assert not calls, "bf16 input without bias or padding should go straight to the kernel"
+    want = layer(x.float())                       # the general path: cast, kernel, cast back
+    assert len(calls) == 1
+    assert got.dtype == torch.bfloat16 and got.shape == (*shape[:-1], 192)
+    assert torch.equal(got, want.to(torch.bfloat16))
+    # with a bias, or padded columns, bf16 input still goes the general way
+    biased = make(linear(192, 576, bias=True))
+    biased._matmul = lambda x2, f=biased._matmul: calls.append(x2) or f(x2)
+    biased(x)
+    assert len(calls) == 2
