@@ -64,7 +64,7 @@ class LlamaCpp:
         return statistics.median(ttfts[1:]), statistics.median(rates[1:])
 
 
-SYSTEMS = ("plain", "static", "cpu-fast", "cpu-int8", "cpu-int4", "cpu-int4-int4-head", "llama.cpp")
+SYSTEMS = ("plain", "static", "cpu-fast", "low-latency", "cpu-int8", "cpu-int4", "cpu-int4-int4-head", "llama.cpp")
 
 
 def main() -> None:
@@ -115,7 +115,9 @@ def main() -> None:
         static.generation_config.compile_config = cc
         add("transformers static cache + torch.compile", static, 0.0)
 
-    presets = [("cpu-fast", "hfaccel cpu-fast", "cpu-fast", {}), ("cpu-int8", "hfaccel cpu-int8", "cpu-int8", {}),
+    presets = [("cpu-fast", "hfaccel cpu-fast", "cpu-fast", {}),
+               ("low-latency", "hfaccel low-latency (cpu-fast + prompt lookup)", "low-latency", {}),
+               ("cpu-int8", "hfaccel cpu-int8", "cpu-int8", {}),
                ("cpu-int4", "hfaccel cpu-int4", "cpu-int4", {}),
                ("cpu-int4-int4-head", "hfaccel cpu-int4 + int4 head", "cpu-int4", {"lm_head_bits": 4})]
     for key, name, preset, quant in presets:

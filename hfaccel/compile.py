@@ -90,6 +90,7 @@ class CompileStats:
     warmup_seconds: float = 0.0      # paid inside accelerate_model
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    head_fallbacks: int = 0          # steps whose bf16-head pick failed its check and ran the fp32 head
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "fallback_reasons"}
@@ -331,18 +332,34 @@ class CompiledDecoder:
                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self._verify_checked = False
         self._costs: dict[tuple[int, int], list[float]] = {}
+        self.certified = None         # a CertifiedHead: set before the first compile, read when tracing
 
-    # tokens, position_ids: [B, 1]; col: [1] column of this token; valid: [B, T]; finished: [B] bool;
-    # eos: [V] bool over the vocabulary (a fixed shape whatever the number of EOS ids); pad, allow_eos: 0-d
-    def _step(self, tokens, position_ids, keys, values, col, valid, finished, eos, pad, allow_eos):
-        cols = torch.arange(valid.shape[1], device=valid.device)
-        valid = valid & (cols <= col)
-        out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False, logits_to_keep=1,
-                         hfaccel_decode=(keys, values, col, valid))
-        logits = out.logits[:, -1].float()
+    @staticmethod
+    def _choose(logits, finished, eos, pad, allow_eos):
+        """Greedy pick from [B, V] float logits: EOS blocked before min_new_tokens, finished rows padded."""
         logits = logits.masked_fill(eos[: logits.shape[-1]] & ~allow_eos, float("-inf"))
         nxt = torch.where(finished, pad, logits.argmax(-1))
         return nxt[:, None], finished | eos[nxt]
+
+    # tokens, position_ids: [B, 1]; col: [1] column of this token; valid: [B, T]; finished: [B] bool;
+    # eos: [V] bool over the vocabulary (a fixed shape whatever the number of EOS ids); pad, allow_eos: 0-d.
+    # Returns (next tokens [B, 1], finished [B], checked, hidden): with a certified head, checked [B] says
+    # which rows' picks passed the bound and hidden [B, d] lets the caller redo the others; else None, None.
+    def _step(self, tokens, position_ids, keys, values, col, valid, finished, eos, pad, allow_eos):
+        cols = torch.arange(valid.shape[1], device=valid.device)
+        valid = valid & (cols <= col)
+        decode = (keys, values, col, valid)
+        if self.certified is None:
+            out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False, logits_to_keep=1,
+                             hfaccel_decode=decode)
+            nxt, finished = self._choose(out.logits[:, -1].float(), finished, eos, pad, allow_eos)
+            return nxt, finished, None, None
+        base = getattr(self.model, self.model.base_model_prefix)
+        h = base(input_ids=tokens, position_ids=position_ids, use_cache=False,
+                 hfaccel_decode=decode).last_hidden_state[:, -1]
+        token, checked = self.certified.pick(h, eos[: self.certified.weight.shape[0]] & ~allow_eos)
+        nxt = torch.where(finished, pad, token)
+        return nxt[:, None], finished | eos[nxt], checked, h
 
     # tokens, position_ids: [B, W]; col: [B] buffer column of each row's first token (rows advance on their
     # own); valid: [B, T]. Returns the logits of every token, [B, W, V] float.
@@ -463,8 +480,13 @@ class CompiledDecoder:
             if eos and (streamer is not None or i % CHECK_EVERY == 0) and bool(finished.all()):
                 break
             allow = allow_eos[i + 1 >= min_new]
-            tok, finished = step(tok, positions, buf.keys, buf.values, col, buf.valid, finished, eos_mask, pad_t,
-                                 allow)
+            nxt, now, checked, h = step(tok, positions, buf.keys, buf.values, col, buf.valid, finished, eos_mask,
+                                        pad_t, allow)
+            if checked is not None and not bool(checked.all()):       # the bound could not rule out a token
+                head = self.model.get_output_embeddings()
+                nxt, now = self._choose(head(h[:, None])[:, -1].float(), finished, eos_mask, pad_t, allow)
+                self.stats.head_fallbacks += 1
+            tok, finished = nxt, now
             out.append(tok)
             if streamer is not None:
                 streamer.put(tok[:, 0].cpu())
@@ -668,8 +690,18 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         if speculative_problem(model, cfg, getattr(ctx, "draft_model", None)) is None:
             return _plan_compiled_verify(model, cfg)
 
+    notes: list[str] = []
+
     def apply(rw) -> None:
         decoder = _install_decoder(rw, model, c.mode)
+        if c.certified_head:
+            from .certified_head import build
+
+            decoder.certified, label = build(model)
+            if decoder.certified is not None:
+                rw.record("lm_head (compiled greedy steps)", "fp32 head", label, lambda: None)
+            elif label:
+                notes.append(f"certified bf16 head not used: {label}")
         if c.warmup:
             decoder.stats.warmup_seconds = decoder.warm_up()
         rw.set_attr(model, "hfaccel_compile_stats", decoder.stats, target="hfaccel_compile_stats",
@@ -680,7 +712,7 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                            + ")"))
 
     return Plan("compile", apply, f"compiled greedy decode step, buckets of {BUCKET} columns "
-                                  f"(torch.compile mode={c.mode})")
+                                  f"(torch.compile mode={c.mode})", notes)
 
 
 def _install_decoder(rw, model: nn.Module, mode: str) -> CompiledDecoder:

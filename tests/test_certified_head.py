@@ -1,0 +1,137 @@
+"""The certified bf16 head (hfaccel/certified_head.py): its bound holds, a pick it certifies is the fp32
+argmax, what it cannot rule out is reported and redone with the fp32 head, and greedy decoding through it
+is token-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hfaccel
+from hfaccel import certified_head, models
+from hfaccel.certified_head import CertifiedHead, build
+from tests.conftest import greedy, needs_default_model, prompts
+from tests.test_compile import left_padded
+
+
+def head_of(v: int = 3000, d: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, d, generator=g) * 0.05
+    h = torch.randn(16, d, generator=g) * 8
+    return w, h
+
+
+def test_the_bound_covers_the_bf16_error_and_a_certified_pick_is_the_fp32_argmax():
+    w, h = head_of()
+    cert = CertifiedHead(w)
+    z = h @ w.T
+    a = cert.approx(h)
+    err = (z - a).abs().amax(dim=-1)
+    assert (err > 0).all() and (err <= cert.bound(h, a)).all()
+    token, checked = cert.pick(h, torch.zeros(w.shape[0], dtype=torch.bool))
+    assert checked.all()
+    assert torch.equal(token, z.argmax(dim=-1))
+
+
+def test_blocked_tokens_are_never_picked():
+    w, h = head_of(seed=1)
+    z = h @ w.T
+    blocked = torch.zeros(w.shape[0], dtype=torch.bool)
+    blocked[z.argmax(dim=-1)] = True                        # every row's favourite
+    token, checked = CertifiedHead(w).pick(h, blocked)
+    assert checked.all() and not blocked[token].any()
+    assert torch.equal(token, z.masked_fill(blocked, float("-inf")).argmax(dim=-1))
+
+
+def test_a_rival_outside_the_candidates_leaves_the_pick_unchecked_and_ties_go_to_the_lowest_id():
+    w, h = head_of(v=500, seed=2)
+    h = h[:1]
+    best = int((h @ w.T).argmax())
+    w[7] = w[best] * (1 + 1e-6)                              # a near twin: within any bf16 error of the best
+    cert = CertifiedHead(w)
+    cert.k = 1                                               # only one candidate: the twin is outside it
+    _, checked = cert.pick(h, torch.zeros(500, dtype=torch.bool))
+    assert not checked.any()
+    w[7] = w[best]                                           # exact twins: both candidates now
+    cert = CertifiedHead(w)
+    token, checked = cert.pick(h, torch.zeros(500, dtype=torch.bool))
+    assert checked.all() and int(token) == min(7, best) == int((h @ w.T).argmax())
+
+
+def test_refused_where_logits_are_not_the_head_of_the_last_hidden_state():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=16, final_logit_softcapping=30.0)).eval()
+    cert, why = build(model)
+    assert cert is None and "capped logits" in why
+    model.lm_head = nn.Sequential(model.lm_head)
+    assert build(model) == (None, "the head is a Sequential")
+
+
+@pytest.fixture
+def always_used(monkeypatch):
+    """The tiny models' heads are too small to be measured faster: use the certified head anyway."""
+    monkeypatch.setattr(certified_head, "MIN_GAIN", 0.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2"])
+def test_greedy_through_the_certified_head_equals_transformers(arch, always_used):
+    model, ref = models.tiny(arch), models.tiny(arch)
+    report = hfaccel.accelerate_model(model, kv_cache={"type": "paged", "max_cache_tokens": 4096},
+                                      compile={"enabled": True})
+    assert any(c.target == "lm_head (compiled greedy steps)" for c in report.changes), report.notes
+    vocab = ref.config.vocab_size
+    one = prompts(vocab, batch=1, length=11)
+    assert torch.equal(greedy(model, one, n=20), greedy(ref, one, n=20))
+    ids, mask = left_padded(vocab)
+    assert torch.equal(greedy(model, ids, mask, n=16), greedy(ref, ids, mask, n=16))
+    assert model.hfaccel_compile_stats.compiled_calls == 2
+
+
+def test_a_pick_that_fails_its_check_is_redone_with_the_fp32_head(always_used, monkeypatch):
+    real = CertifiedHead.pick
+
+    def wrong_and_unchecked(self, h, blocked):
+        token, _ = real(self, h, blocked)
+        return (token + 1) % self.weight.shape[0], torch.zeros_like(token, dtype=torch.bool)
+
+    monkeypatch.setattr(CertifiedHead, "pick", wrong_and_unchecked)
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    hfaccel.accelerate_model(model, compile={"enabled": True})
+    ids, mask = left_padded(ref.config.vocab_size)
+    before = model.hfaccel_compile_stats.head_fallbacks           # the warm-up's steps
+    assert torch.equal(greedy(model, ids, mask, n=12), greedy(ref, ids, mask, n=12))
+    assert model.hfaccel_compile_stats.head_fallbacks - before == 11     # every step after the prefill's token
+
+
+def test_off_by_config_reported_lossless_and_gone_after_revert(always_used):
+    model = models.tiny("llama")
+    report = hfaccel.accelerate_model(model, compile={"enabled": True, "certified_head": False})
+    assert not any(c.target.startswith("lm_head") for c in report.changes)
+    model = models.tiny("llama")
+    report = hfaccel.accelerate_model(model, compile={"enabled": True})
+    change = next(c for c in report.changes if c.target == "lm_head (compiled greedy steps)")
+    assert change.lossless and change.reversible and report.lossless
+    assert "+0 MiB" in change.after and "best 64" in change.after
+    hfaccel.revert_model(model)
+    assert "generate" not in model.__dict__ and not hasattr(model, "hfaccel_compile_stats")
+
+
+@needs_default_model
+def test_certifies_every_position_of_real_text_on_the_default_model(default_model):
+    import pydoc_data.topics
+
+    model, tok = default_model
+    text = pydoc_data.topics.topics["assert"][:4000]
+    ids = tok(text, return_tensors="pt").input_ids[:, :256]
+    with torch.inference_mode():
+        h = model.model(input_ids=ids).last_hidden_state[0]
+        want = model.lm_head(h).argmax(dim=-1)
+    cert = CertifiedHead(model.lm_head.weight)
+    token, checked = cert.pick(h, torch.zeros(cert.weight.shape[0], dtype=torch.bool))
+    assert checked.all()
+    assert torch.equal(token, want)
