@@ -187,48 +187,44 @@ class ModelDraft(Draft):
         seen = self.cache.get_seq_length()
         ones = torch.ones(b, 1, dtype=torch.bool, device=dev)
         nxt_pos = state.cols.sum(1, keepdim=True)
-        ids = torch.cat([state.tokens[:, seen:], state.last[:, None]], dim=1)       # columns not yet seen, then last
-        pos = torch.cat([state.positions[:, seen:], nxt_pos], dim=1)
-        mask = torch.cat([state.cols, ones], dim=1)
+        fed = {"ids": torch.cat([state.tokens[:, seen:], state.last[:, None]], dim=1),   # columns not yet seen,
+               "pos": torch.cat([state.positions[:, seen:], nxt_pos], dim=1),           # then last
+               "mask": torch.cat([state.cols, ones], dim=1)}
+
+        def advance(tok):
+            fed.update(ids=tok[:, None], pos=fed["pos"][:, -1:] + 1, mask=torch.cat([fed["mask"], ones], dim=1))
+
+        return self._drafting(k, ~done, sampling, lambda: self._forward(fed["ids"], fed["mask"], fed["pos"]),
+                              advance)
+
+    def _drafting(self, k: int, alive: torch.Tensor, sampling, forward, advance):
+        """Draw up to k tokens per row: forward() gives the logits of the next one, advance(tok) feeds them.
+        Returns (drafts [B, n], each row's number of live drafts, their probabilities or None)."""
+        lengths = torch.zeros(alive.shape[0], dtype=torch.long, device=alive.device)
         drafts, probs = [], []
-        alive = ~done
-        lengths = torch.zeros(b, dtype=torch.long, device=dev)
         for j in range(k):
-            tok, p, alive = self._draw(self._forward(ids, mask, pos), alive, sampling)
+            tok, p, alive = self._draw(forward(), alive, sampling)
             if p is not None:
                 probs.append(p)
             lengths += alive.long()
             drafts.append(tok)
             if not bool(alive.any()) or j == k - 1:
                 break
-            ids, pos = tok[:, None], pos[:, -1:] + 1
-            mask = torch.cat([mask, ones], dim=1)
-        d = torch.stack(drafts, dim=1)
-        q = torch.stack(probs, dim=1) if probs else None
-        return d, lengths, q
+            advance(tok)
+        return torch.stack(drafts, dim=1), lengths, (torch.stack(probs, dim=1) if probs else None)
 
     def _propose_compiled(self, state: DraftState, k: int, done: torch.Tensor, sampling):
-        b = len(state.history)
         # a live row always has `last` to feed; a finished row feeds its last token again past its history
-        ids = [h[s:] or h[-1:] for h, s in zip(state.history, self.seen)]
-        start = list(self.seen)
+        fed = {"ids": [h[s:] or h[-1:] for h, s in zip(state.history, self.seen)], "start": list(self.seen)}
         self.seen = [len(h) for h in state.history]
-        alive = ~done
-        lengths = torch.zeros(b, dtype=torch.long, device=alive.device)
-        drafts, probs = [], []
-        for j in range(k):
-            tok, p, alive = self._draw(self._compiled_forward(ids, start).float(), alive, sampling)
-            if p is not None:
-                probs.append(p)
-            lengths += alive.long()
-            drafts.append(tok)
-            if not bool(alive.any()) or j == k - 1:
-                break
-            start = [s + len(t) for s, t in zip(start, ids)]
-            ids = [[t] for t in tok.tolist()]
-        d = torch.stack(drafts, dim=1)
+
+        def advance(tok):
+            fed.update(start=[s + len(t) for s, t in zip(fed["start"], fed["ids"])], ids=[[t] for t in tok.tolist()])
+
+        d, lengths, q = self._drafting(k, ~done, sampling,
+                                       lambda: self._compiled_forward(fed["ids"], fed["start"]).float(), advance)
         self.fed = [row[:-1] for row in d.tolist()]                    # the last draft is never fed
-        return d, lengths, (torch.stack(probs, dim=1) if probs else None)
+        return d, lengths, q
 
     def commit(self, state: DraftState) -> None:
         if self.buf is not None:
