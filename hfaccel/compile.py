@@ -699,7 +699,8 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
 
             decoder.certified, label = build(model)
             if decoder.certified is not None:
-                rw.record("lm_head (compiled greedy steps)", "fp32 head", label, lambda: None)
+                rw.set_attr(model, "hfaccel_certified_head", decoder.certified,
+                            target="lm_head (compiled greedy steps)", label=label)
             elif label:
                 notes.append(f"certified bf16 head not used: {label}")
         if c.warmup:

@@ -117,8 +117,11 @@ def test_off_by_config_reported_lossless_and_gone_after_revert(always_used):
     change = next(c for c in report.changes if c.target == "lm_head (compiled greedy steps)")
     assert change.lossless and change.reversible and report.lossless
     assert "+0 MiB" in change.after and "best 64" in change.after
+    vocab, hidden = model.lm_head.weight.shape
+    assert report.weight_bytes_after - report.weight_bytes_before == vocab * hidden * 2     # the bf16 copy
     hfaccel.revert_model(model)
     assert "generate" not in model.__dict__ and not hasattr(model, "hfaccel_compile_stats")
+    assert not hasattr(model, "hfaccel_certified_head")
 
 
 @needs_default_model
