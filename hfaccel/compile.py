@@ -277,12 +277,14 @@ def _mode_patches(mode: str) -> dict:
     return {}
 
 
-def _counting_backend(stats: CompileStats, mode: str):
+def _counting_backend(stats: CompileStats, mode: str, cpp_wrapper: bool = False):
     from torch._inductor.compile_fx import compile_fx
+
+    patches = {**_mode_patches(mode), **({"cpp_wrapper": True} if cpp_wrapper else {})}
 
     def backend(gm, example_inputs):
         stats.compilations += 1
-        return compile_fx(gm, example_inputs, config_patches=_mode_patches(mode))
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     return backend
 
@@ -313,9 +315,12 @@ class DecodeBuffers:
 class CompiledDecoder:
     """The compiled step of one model, its decode buffers, and the loop that drives them."""
 
-    def __init__(self, model: nn.Module, mode: str = "default"):
+    def __init__(self, model: nn.Module, mode: str = "default", cpp_wrapper: bool = False):
         self.model = model
         self.mode = mode
+        # Inductor's wrapper in C++ rather than Python: less overhead per kernel call, a longer first compile
+        self.cpp_wrapper = cpp_wrapper and model.get_input_embeddings().weight.device.type == "cpu"
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.stats = CompileStats()
         self.lock = threading.RLock()
         self._buffers: DecodeBuffers | None = None
@@ -325,11 +330,9 @@ class CompiledDecoder:
         # structure goes through revert_model, which removes this object with the generate wrapper.
         self.shapes: set[tuple[int, int]] = set()     # (batch, columns) graphs built
         self._fn = torch.compile(_own_code(self._step), fullgraph=True, dynamic=False,
-                                 backend=_counting_backend(self.stats, mode),
-                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                                 backend=_counting_backend(self.stats, mode, self.cpp_wrapper), options=options)
         self._vfn = torch.compile(_own_code(self._verify), fullgraph=True, dynamic=False,
-                                  backend=_counting_backend(self.stats, mode),
-                                  options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                                  backend=_counting_backend(self.stats, mode, self.cpp_wrapper), options=options)
         self._verify_checked = False
         self._costs: dict[tuple[int, int], list[float]] = {}
         self.certified = None         # a CertifiedHead: set before the first compile, read when tracing
@@ -693,7 +696,7 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     notes: list[str] = []
 
     def apply(rw) -> None:
-        decoder = _install_decoder(rw, model, c.mode)
+        decoder = _install_decoder(rw, model, c.mode, c.cpp_wrapper)
         if c.certified_head:
             from .certified_head import build
 
@@ -709,6 +712,7 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                     label="compiled calls, fallbacks, compilations, warm-up")
         rw.set_attr(model, "generate", make_generate(model, decoder), target="generate",
                     label=(f"greedy decode through a compiled step (torch.compile mode={c.mode}, "
+                           + ("C++ wrapper, " if decoder.cpp_wrapper else "")
                            + (f"warm-up {decoder.stats.warmup_seconds:.1f} s" if c.warmup else "compiled at first call")
                            + ")"))
 
@@ -716,12 +720,12 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
                                   f"(torch.compile mode={c.mode})", notes)
 
 
-def _install_decoder(rw, model: nn.Module, mode: str) -> CompiledDecoder:
+def _install_decoder(rw, model: nn.Module, mode: str, cpp_wrapper: bool = False) -> CompiledDecoder:
     """The step attention (every call without the step's kwargs goes to the inner one) and a decoder."""
     inner = model.config._attn_implementation
     if not inner.startswith(STEP_PREFIX):
         rw.set_attn_implementation(register_step_attention(inner))
-    return CompiledDecoder(model, mode)
+    return CompiledDecoder(model, mode, cpp_wrapper)
 
 
 def _draft_decoder(rw, draft, cfg, mode: str) -> CompiledDecoder | None:
@@ -737,7 +741,7 @@ def _draft_decoder(rw, draft, cfg, mode: str) -> CompiledDecoder | None:
         dm.set_attn_implementation(step)
         rw.record("hfaccel_draft.config._attn_implementation", inner, step,
                   lambda: dm.set_attn_implementation(inner), lossless=True)
-    return CompiledDecoder(dm, mode)
+    return CompiledDecoder(dm, mode, cfg.compile.cpp_wrapper)
 
 
 def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
@@ -749,7 +753,7 @@ def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
     notes: list[str] = []
 
     def apply(rw) -> None:
-        decoder = _install_decoder(rw, model, c.mode)
+        decoder = _install_decoder(rw, model, c.mode, c.cpp_wrapper)
         draft = model.__dict__.get("hfaccel_draft")
         draft_decoder = _draft_decoder(rw, draft, cfg, c.mode)
         if c.warmup:

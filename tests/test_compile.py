@@ -235,3 +235,27 @@ def test_default_model_cpu_fast_is_token_exact(default_model):
         got = fast.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)
         assert torch.equal(got, want)
     assert fast.hfaccel_compile_stats.compiled_calls == 2
+
+
+def test_cpp_wrapper_reaches_inductor_and_stays_token_exact(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    real, seen = cfx.compile_fx, []
+
+    def recording(gm, example_inputs, config_patches=None, **kw):
+        seen.append(dict(config_patches or {}))
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", recording)
+    model, ref, report = compiled("llama", cpp_wrapper=True)
+    assert any("C++ wrapper" in c.after for c in report.changes if c.target == "generate")
+    assert seen[0].get("cpp_wrapper") is True          # (compile_fx then calls itself with the patches applied)
+    vocab = ref.config.vocab_size
+    for length, seed in ((11, 1), (19, 2)):
+        ids = prompts(vocab, batch=1, length=length, seed=seed)
+        assert torch.equal(greedy(model, ids, n=16), greedy(ref, ids, n=16))
+    assert model.hfaccel_compile_stats.compilations == 1        # the warm-up's graph, no recompilation
+    seen.clear()
+    _, _, plain = compiled("llama")
+    assert not any("C++ wrapper" in c.after for c in plain.changes)
+    assert seen and not any(p.get("cpp_wrapper") for p in seen)
