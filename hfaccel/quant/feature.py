@@ -72,9 +72,9 @@ def head_bits(q) -> int:
     return q.lm_head_bits or q.bits
 
 
-def quantize_head(linear: nn.Module, q) -> Int8Linear | Int4Linear:
-    """The head's quantized layer, round to nearest at lm_head_bits (default: the layers' bits)."""
-    if head_bits(q) == 8:
+def rtn_layer(linear: nn.Module, bits: int, q) -> Int8Linear | Int4Linear:
+    """The layer quantized round to nearest: int8 per channel, or int4 in groups of q.group_size."""
+    if bits == 8:
         return Int8Linear.from_linear(linear)
     return Int4Linear.from_linear(linear, q.group_size, q.sym)
 
@@ -137,12 +137,7 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         sqnr, padded, kernels = [], [], Counter()
         for path in paths:
             linear = model.get_submodule(path)
-            if path == head:
-                new = quantize_head(linear, q)
-            elif q.bits == 8:
-                new = Int8Linear.from_linear(linear)
-            else:
-                new = Int4Linear.from_linear(linear, q.group_size, q.sym)
+            new = rtn_layer(linear, head_bits(q) if path == head else q.bits, q)
             if isinstance(new, Int4Linear) and new.padded:
                 padded.append(f"{path} ({new.in_features}->{new.in_features + new.padded})")
             sqnr.append(sqnr_db(linear_weight(linear), new.dequantize()))
@@ -189,7 +184,7 @@ def _plan_calibrated(model: nn.Module, ctx, cfg, paths: list[str], notes: list[s
         sqnr = stats["sqnr"]
         for path in rest:                                            # outside the decoder layers: round to nearest
             linear = model.get_submodule(path)
-            new = quantize_head(linear, q)
+            new = rtn_layer(linear, head_bits(q) if path == head_path(model) else q.bits, q)
             rw.swap_module(path, new, lossless=False, keep_original=cfg.keep_original,
                            label=f"{type(new).__name__} ({new.kernel}, rtn)")
             notes.append(f"{path}: outside the decoder layers, quantized round-to-nearest")
