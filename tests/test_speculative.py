@@ -301,12 +301,18 @@ def test_compiled_verify_step_is_token_exact_without_recompiling(draft, tmp_path
     assert not any(s.feature == "compile" for s in report.skipped)
     stats = model.hfaccel_compile_stats
     assert stats.compilations == 2 and stats.warmup_seconds > 0      # width 1, and widths 2-5 in one graph
+    built = []
     for rows, seed in ((1, 3), (1, 8), (4, 3), (4, 5)):
         ids, mask = batch(ref.config.vocab_size, rows, seed)
         kw = {"attention_mask": mask, "max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
         assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw)), (rows, seed)
         assert model.hfaccel_spec_stats.last["accepted"] > 0
-    assert stats.compilations == 4 and stats.compiled_calls == 4 and stats.fallback_calls == 0   # + batch 4
+        built.append(stats.compilations)
+    # batch 1 needs nothing new; batch 4 builds its dynamic-width graph, and its width-1 graph only if a
+    # verify is padded to width 1 (the cheapest width >= what is needed, from measured costs, so it varies
+    # with the machine's load): never more than the two graphs per batch size
+    assert built[:2] == [2, 2] and 3 <= built[2] <= built[3] <= 4, built
+    assert stats.compiled_calls == 4 and stats.fallback_calls == 0
     # sampling runs through the same compiled verify: top_k=1 is greedy
     ids, mask = batch(ref.config.vocab_size, 2, 11)
     kw = {"attention_mask": mask, "max_new_tokens": 12, "pad_token_id": 0}
