@@ -11,6 +11,7 @@ import torch
 import hfaccel
 from hfaccel import models
 from hfaccel.errors import ConfigError
+from hfaccel.quant.layers import QuantLinear
 from hfaccel.speculative import DraftPolicy, PromptLookup, accept_sampled
 from hfaccel.speculative.drafts import DraftState
 from tests.conftest import StreamRecorder, needs_default_model
@@ -354,9 +355,12 @@ def test_compiled_model_drafts_are_token_exact_and_keep_each_rows_history_in_its
             with torch.inference_mode():
                 cache = DynamicCache(config=d.model.config)
                 d.model(input_ids=seq, past_key_values=cache, use_cache=True)
+            # bf16 anywhere in the draft (its buffers, or the activations its int layers round to bf16 around
+            # their kernels) leaves compiled and eager a bf16 rounding step apart; a wrong column is far more
+            rounded = buf.keys[0].dtype == torch.bfloat16 or any(isinstance(m, QuantLinear) for m in d.model.modules())
+            tol = {"rtol": 2e-2, "atol": 2e-2} if rounded else {}
             for layer in range(len(buf.keys)):
                 cols = slice(d.offset[r], d.offset[r] + d.seen[r])
-                tol = {"rtol": 2e-2, "atol": 2e-2} if buf.keys[layer].dtype == torch.bfloat16 else {}
                 torch.testing.assert_close(buf.keys[layer][r, :, cols], cache.layers[layer].keys[0], **tol)
                 torch.testing.assert_close(buf.values[layer][r, :, cols], cache.layers[layer].values[0], **tol)
     assert stats.compiled_calls == 4 and stats.fallback_calls == 0 and stats.compilations == compilations
