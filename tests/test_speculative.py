@@ -340,6 +340,11 @@ def test_compiled_model_drafts_are_token_exact_and_keep_each_rows_history_in_its
     assert "hfaccel_draft.compiled" in [c.target for c in report.changes if c.feature == "compile"]
     d = model.hfaccel_draft
     stats = d.compiled.stats
+    # bf16 anywhere in the draft (its parameters, or the activations its int layers round to bf16 around their
+    # kernels) leaves compiled and eager K/V a bf16 rounding step apart; a wrong column is off by far more
+    rounded = any(p.dtype == torch.bfloat16 for p in d.model.parameters()) or \
+        any(isinstance(m, QuantLinear) for m in d.model.modules())
+    tol = {"rtol": 2e-2, "atol": 2e-2} if rounded else {}
     for rows, seed in ((1, 3), (4, 3), (4, 5), (1, 8)):
         ids, mask = batch(ref.config.vocab_size, rows, seed)
         kw = {"attention_mask": mask, "max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
@@ -355,10 +360,6 @@ def test_compiled_model_drafts_are_token_exact_and_keep_each_rows_history_in_its
             with torch.inference_mode():
                 cache = DynamicCache(config=d.model.config)
                 d.model(input_ids=seq, past_key_values=cache, use_cache=True)
-            # bf16 anywhere in the draft (its buffers, or the activations its int layers round to bf16 around
-            # their kernels) leaves compiled and eager a bf16 rounding step apart; a wrong column is far more
-            rounded = buf.keys[0].dtype == torch.bfloat16 or any(isinstance(m, QuantLinear) for m in d.model.modules())
-            tol = {"rtol": 2e-2, "atol": 2e-2} if rounded else {}
             for layer in range(len(buf.keys)):
                 cols = slice(d.offset[r], d.offset[r] + d.seen[r])
                 torch.testing.assert_close(buf.keys[layer][r, :, cols], cache.layers[layer].keys[0], **tol)
