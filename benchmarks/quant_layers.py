@@ -1,6 +1,6 @@
 """Batch-1 speed of hfaccel's INT8 / INT4 layers against fp32 nn.Linear on SmolLM2-135M's own shapes.
 
-    python benchmarks/quant_layers.py [--threads 2] [--tokens 1] [--cold]
+    python benchmarks/quant_layers.py [--threads 2] [--tokens 1] [--cold] [--rounds 5]
 
 Each row times the whole layer forward (activation cast to bf16 and back included), fp32 input [tokens, in].
 
@@ -9,11 +9,17 @@ per-call cost. --cold: as in decoding, where a token reads each of the model's 2
 others evict it from the caches: every system cycles through copies of the layer whose fp32 weights add up to
 at least 3x the last-level cache (the same number of copies for fp32, int8 and int4), so each call reads its
 weights from memory.
+
+Each figure is the median of --rounds passes, the systems taking turns within a round: single passes of the
+small layers varied by up to 1.5x between runs on a quiet 2-core machine (memory placement, frequency).
+The kernel column says what the int layers ran (hfaccel's own "avx512" kernels on a CPU without native bf16,
+aten's packed kernels otherwise; see hfaccel/kernels/cpu_woq.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -50,6 +56,7 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=5, help="passes per system; the median is printed")
     p.add_argument("--cold", action="store_true", help="weights read from memory, as in decoding (see above)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="activation dtype (bfloat16: the quantized layers skip their casts; the baseline is "
@@ -61,7 +68,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, {a.tokens} token(s), {a.dtype} activations into the quantized layers, "
           + (f"cold: copies of each layer >= 3 x {llc / 2**20:.0f} MiB last-level cache" if a.cold else "hot"))
     print(f"{'in x out':>12} {'fp32 us':>9} {'int8 us':>9} {'int8 x':>7} {'int4 g64 us':>12} {'int4 x':>7} "
-          f"{'int4 g128 us':>13} {'x':>6}")
+          f"{'int4 g128 us':>13} {'x':>6}  kernels")
     torch.manual_seed(0)
     with torch.inference_mode():
         for k, n in SHAPES:
@@ -70,12 +77,17 @@ def main() -> None:
             x32 = torch.randn(a.tokens, k)
             x = x32.to(getattr(torch, a.dtype))
             reps = max(10, a.reps // (1 + n // 4096))
-            base = timeit(lins, x32, reps)
-            t8 = timeit([Int8Linear.from_linear(lin) for lin in lins], x, reps)
-            t4 = timeit([Int4Linear.from_linear(lin, 64) for lin in lins], x, reps)
-            t4b = timeit([Int4Linear.from_linear(lin, 128) for lin in lins], x, reps)
+            systems = [(lins, x32), ([Int8Linear.from_linear(lin) for lin in lins], x),
+                       ([Int4Linear.from_linear(lin, 64) for lin in lins], x),
+                       ([Int4Linear.from_linear(lin, 128) for lin in lins], x)]
+            times = [[] for _ in systems]
+            for _ in range(a.rounds):
+                for (layers, xs), ts in zip(systems, times):
+                    ts.append(timeit(layers, xs, reps))
+            base, t8, t4, t4b = (statistics.median(ts) for ts in times)
+            kernels = "/".join(dict.fromkeys(layers[0].kernel for layers, _ in systems[1:]))
             print(f"{f'{k}x{n}':>12} {base:9.1f} {t8:9.1f} {base / t8:6.2f}x {t4:12.1f} {base / t4:6.2f}x "
-                  f"{t4b:13.1f} {base / t4b:5.2f}x")
+                  f"{t4b:13.1f} {base / t4b:5.2f}x  {kernels}")
 
 
 if __name__ == "__main__":

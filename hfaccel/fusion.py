@@ -164,8 +164,9 @@ def _fuse_group(mods: list[nn.Module], kind: str, undos: list[Callable[[], None]
                                torch.cat([m.zeros for m in mods], dim=1), mods[0].group_size,
                                torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None,
                                in_features=mods[0].in_features)
-            # the CPU packer lays N out in blocks of 64 rows: where each projection's packed rows equal a row
-            # range of the fused packing, the projection reads that view; anything else is held twice
+            # aten's CPU packer lays N out in blocks of 64 rows (hfaccel's avx512 layout row by row): where each
+            # projection's packed rows equal a row range of the fused packing, the projection reads that view;
+            # anything else is held twice
             extra = fused.scales_zeros.numel() * fused.scales_zeros.element_size()
             start = 0
             for m, n in zip(mods, sizes):

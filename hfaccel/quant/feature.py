@@ -129,6 +129,10 @@ def plan_quantize(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         else:
             notes.append(f"head {head} kept in float (quantize_lm_head: false)")
     what = "int8 per channel" if q.bits == 8 else f"int4 g{q.group_size} {'sym' if q.sym else 'asym'}"
+    if ctx.device.type == "cpu":
+        from ..kernels import cpu_woq
+
+        notes.append(cpu_woq.describe())
 
     if q.method in ("gptq", "awq"):
         return _plan_calibrated(model, ctx, cfg, paths, notes)

@@ -5,7 +5,10 @@ Int4Linear: 4-bit groups of `group_size` input columns, w ~= (q - 8) * scale[g, 
 form the packed CPU/CUDA kernels take; symmetric quantization is the case zero = 0).
 
 Kernels:
-- CPU: aten._weight_int8pack_mm / aten._weight_int4pack_mm_for_cpu. Both are fast only with bf16
+- CPU without native bf16 (no AVX-512 BF16 / AMX) but with AVX-512F: hfaccel's own kernels
+  (hfaccel/kernels/cpu_woq.cpp, kernel "avx512"), fp32 activations and arithmetic, the codes widened in
+  registers; see that module for why and for HFACCEL_CPU_QUANT_KERNEL.
+- CPU otherwise: aten._weight_int8pack_mm / aten._weight_int4pack_mm_for_cpu. Both are fast only with bf16
   activations (with fp32 ones they are 3-10x slower than a plain fp32 Linear, measured), so the layer casts
   activations to bf16 around the kernel and the output back: the bf16 rounding of activations is part of
   the quantization's measured cost.
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_woq
 from ..quality import sqnr_db  # noqa: F401  (re-exported: the quantizers report it)
 
 INT4_GROUPS = (32, 64, 128)
@@ -46,6 +50,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.kernel == cpu_woq.KERNEL:
+            # hfaccel's kernels take x as it is (fp32 or bf16, any leading dims, narrower than a padded weight):
+            # at batch 1 every Python step here is a visible share of a small layer's time
+            y = self._native(x)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if x.dtype is torch.bfloat16 and self.kernel != "dequant" and not self.padded and self.bias is None:
             # the int presets' path (bf16 activations, no bias, no padding): nothing to cast, pad or add, so
             # straight to the kernel. At batch 1 the general path costs a few us more per call, a large share
@@ -69,9 +78,14 @@ class Int8Linear(QuantLinear):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         n, k = qweight.shape
         super().__init__(k, n, bias)
-        self.kernel = "int8pack" if qweight.device.type in ("cpu", "cuda") else "dequant"
-        # the packed kernel reads K in steps of 16 (other K crash it): pad with zero columns
-        self.padded = (-k) % 16 if self.kernel == "int8pack" else 0
+        device = qweight.device
+        if cpu_woq.use_native(device):
+            self.kernel = cpu_woq.KERNEL
+        else:
+            self.kernel = "int8pack" if device.type in ("cpu", "cuda") else "dequant"
+        # the packed kernel reads K in steps of 16 (other K crash it): pad with zero columns (hfaccel's kernel
+        # does not need them, but the same layout lets fused and unfused layers share their rows)
+        self.padded = (-k) % 16 if self.kernel != "dequant" else 0
         self.register_buffer("qweight", F.pad(qweight.to(torch.int8), (0, self.padded)).contiguous())
         self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("_kscales", scales.to(torch.bfloat16).contiguous(), persistent=False)
@@ -87,7 +101,12 @@ class Int8Linear(QuantLinear):
     def _direct(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._kscales)
 
+    def _native(self, x2: torch.Tensor) -> torch.Tensor:
+        return cpu_woq.int8_mm(x2, self.qweight, self.scales)
+
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kernel == cpu_woq.KERNEL:
+            return self._native(x2)
         if self.kernel == "int8pack":
             if self.padded:
                 x2 = F.pad(x2, (0, self.padded))
@@ -113,7 +132,10 @@ class Int4Linear(QuantLinear):
         # scale and zero live once, in the bf16 form the kernels read: dequantize() agrees with them exactly
         sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()       # [K/g, N, 2]
         self.register_buffer("scales_zeros", sz)
-        if device.type == "cpu" and n % 16 == 0:
+        if cpu_woq.use_native(device):
+            self.kernel = cpu_woq.KERNEL
+            packed = cpu_woq.pack_int4(q)
+        elif device.type == "cpu" and n % 16 == 0:
             self.kernel = "int4pack_cpu"
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         elif device.type == "cuda" and n % 8 == 0 and kp % 64 == 0:
@@ -146,6 +168,8 @@ class Int4Linear(QuantLinear):
         if self.kernel == "dequant":
             p = self.qweight
             return torch.stack([p >> 4, p & 15], dim=-1).reshape(p.shape[0], -1)
+        if self.kernel == cpu_woq.KERNEL:
+            return cpu_woq.unpack_int4(self.qweight)
         kp = self.in_features + self.padded
         eye = torch.eye(kp, dtype=torch.bfloat16, device=self.qweight.device)
         w = self._kernel(eye).float().T                                                   # [N, K_padded]
@@ -162,12 +186,17 @@ class Int4Linear(QuantLinear):
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
         return self._direct(x2.to(torch.bfloat16).contiguous())
 
+    def _native(self, x2: torch.Tensor) -> torch.Tensor:
+        return cpu_woq.int4_mm(x2, self.qweight, self.scales_zeros, self.group_size)
+
     def _direct(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int4pack_cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_zeros)
         return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_zeros)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kernel == cpu_woq.KERNEL:
+            return self._native(x2)
         if self.padded:
             x2 = F.pad(x2, (0, self.padded))
         if self.kernel != "dequant":

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from hfaccel.kernels import cpu_woq
 from hfaccel.quant.layers import (Int4Linear, Int8Linear, int4_params, pad_columns, quantize_int4_groups,
                                   quantize_with, sqnr_db)
 
@@ -17,19 +18,33 @@ def linear(n: int, k: int, bias: bool = True, seed: int = 0) -> nn.Linear:
     return lin
 
 
+@pytest.fixture(params=["aten", "native"])
+def cpu_kernel(request, monkeypatch) -> str:
+    """Each test runs with aten's packed kernels and with hfaccel's own (where they build on this CPU)."""
+    monkeypatch.setenv(cpu_woq.ENV, request.param)
+    if request.param == "native":
+        ok, why = cpu_woq.status()
+        if not ok:
+            pytest.skip(f"hfaccel's CPU int kernels: {why}")
+    return request.param
+
+
 def close_to_dequantized(layer, x: torch.Tensor, ref_weight: torch.Tensor, bias) -> None:
     want = x @ ref_weight.T + (bias if bias is not None else 0)
     got = layer(x)
     assert got.shape == want.shape and got.dtype == x.dtype
-    # activations go through bf16 around the packed kernels: ~3 significant digits
-    assert (got - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
+    if layer.kernel == cpu_woq.KERNEL:          # fp32 activations and arithmetic: only summation order differs
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+    else:                                       # activations go through bf16 around aten's packed kernels
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
 
 
 @pytest.mark.parametrize("n, k, bias", [(576, 576, False), (48, 200, True), (7, 33, True)])
-def test_int8_linear(n, k, bias):
+def test_int8_linear(n, k, bias, cpu_kernel):
     lin = linear(n, k, bias)
     layer = Int8Linear.from_linear(lin)
-    assert layer.qweight.dtype == torch.int8 and layer.kernel == "int8pack"
+    assert layer.qweight.dtype == torch.int8
+    assert layer.kernel == ("int8pack" if cpu_kernel == "aten" else cpu_woq.KERNEL)
     assert sqnr_db(lin.weight, layer.dequantize()) > 38
     x = torch.randn(2, 5, k)                                   # 3-D input
     close_to_dequantized(layer, x, layer.dequantize(), lin.bias)
@@ -37,11 +52,14 @@ def test_int8_linear(n, k, bias):
 
 @pytest.mark.parametrize("n, k, g, sym", [(64, 128, 32, True), (192, 576, 64, False), (32, 576, 128, True),
                                           (48, 72, 32, True), (24, 64, 32, False)])
-def test_int4_linear_codes_padding_and_kernels(n, k, g, sym):
+def test_int4_linear_codes_padding_and_kernels(n, k, g, sym, cpu_kernel):
     lin = linear(n, k)
     layer = Int4Linear.from_linear(lin, g, sym)
     assert layer.padded == (-k) % g
-    assert layer.kernel == ("int4pack_cpu" if n % 16 == 0 else "dequant")
+    if cpu_kernel == "aten":
+        assert layer.kernel == ("int4pack_cpu" if n % 16 == 0 else "dequant")
+    else:                                       # hfaccel's kernel takes any number of rows
+        assert layer.kernel == cpu_woq.KERNEL
     w = pad_columns(lin.weight.detach(), g)
     q, scale, zero = quantize_int4_groups(w, g, sym)
     # codes as stored; the stored scales are bf16, codes were computed with the same fp32 ones
@@ -74,7 +92,8 @@ def test_group_size_is_validated():
 @pytest.mark.parametrize("make", [lambda lin: Int8Linear.from_linear(lin), lambda lin: Int4Linear.from_linear(lin, 64)],
                          ids=["int8", "int4"])
 @pytest.mark.parametrize("shape", [(1, 576), (3, 576), (2, 3, 576)])
-def test_bf16_input_takes_the_direct_kernel_path_with_the_general_paths_result(make, shape):
+def test_bf16_input_takes_the_direct_kernel_path_with_the_general_paths_result(make, shape, monkeypatch):
+    monkeypatch.setenv(cpu_woq.ENV, "aten")      # aten's kernels: hfaccel's own take any input one way
     lin = linear(192, 576, bias=False)
     layer = make(lin)
     x = torch.randn(*shape).to(torch.bfloat16)
@@ -92,3 +111,19 @@ def test_bf16_input_takes_the_direct_kernel_path_with_the_general_paths_result(m
     biased._matmul = lambda x2, f=biased._matmul: calls.append(x2) or f(x2)
     biased(x)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("make", [lambda lin: Int8Linear.from_linear(lin), lambda lin: Int4Linear.from_linear(lin, 64)],
+                         ids=["int8", "int4"])
+def test_native_kernel_layers_take_bf16_and_fp32_input_alike(make, monkeypatch):
+    monkeypatch.setenv(cpu_woq.ENV, "native")
+    ok, why = cpu_woq.status()
+    if not ok:
+        pytest.skip(f"hfaccel's CPU int kernels: {why}")
+    layer = make(linear(40, 100, bias=True))                   # padded columns, a bias, 3-D input
+    assert layer.kernel == cpu_woq.KERNEL and layer.padded
+    x = torch.randn(2, 3, 100).to(torch.bfloat16)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 40)
+    want = x.float() @ layer.dequantize().T + layer.bias       # bf16 x widens exactly; only the output rounds
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)

@@ -1,0 +1,137 @@
+"""hfaccel's own weight-only int8 / int4 CPU kernels (cpu_woq.cpp), for CPUs without native bf16.
+
+aten's packed int8/int4 kernels are fast only with bf16 activations. On a CPU with AVX-512 BF16 or AMX that is
+a hardware path, and the int layers keep it. On one without (an Ice Lake, measured), the bf16 conversions run
+in software and the int layers were only 1.3-1.9x (int8) and 1.7-4.5x (int4) an fp32 nn.Linear at batch 1; the
+kernels here widen the codes to fp32 in AVX-512 registers and keep the activations in fp32, which is faster
+there and rounds nothing but the weights.
+
+The C++ source is built once per torch version and instruction set with torch.utils.cpp_extension (a C++
+compiler and ninja, ~15 s) into the hfaccel cache, and registers `torch.ops.hfaccel_cpu.int8_mm` and
+`int4_mm`, which torch.compile graphs call like any other op. Without a compiler, without AVX-512F, or when
+the build fails, the layers keep aten's kernels and `status()` says why.
+
+HFACCEL_CPU_QUANT_KERNEL chooses: `auto` (the default: these kernels where the CPU has AVX-512F and no
+native bf16), `native` (these kernels wherever they build), `aten` (never these kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_woq.cpp")
+ENV = "HFACCEL_CPU_QUANT_KERNEL"
+CHOICES = ("auto", "native", "aten")
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx2", "-mfma"]   # -fopenmp: at::parallel_for is OpenMP in a header;
+# not -march=native, so that a cache shared by two CPUs stays valid
+KERNEL = "avx512"                                    # what the layers report as their kernel
+
+
+def _cpu_flags() -> frozenset[str]:
+    from ..device import cpu_flags
+
+    return cpu_flags()
+
+
+def requested() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV}={value!r} is not allowed; allowed: {', '.join(CHOICES)}")
+    return value
+
+
+@functools.cache
+def _build() -> tuple[bool, str]:
+    """Build (or load the cached build of) the extension once per process: (loaded, how / why not)."""
+    if "avx512f" not in _cpu_flags():
+        return False, "this CPU has no AVX-512F"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        return False, "no C++ compiler found (set CXX or install g++)"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return False, "ninja is not installed (pip install ninja)"
+    from ..models import cache_root
+
+    tag = f"torch{torch.__version__.split('+')[0]}-{torch.__version__.partition('+')[2] or 'cpu'}"
+    build_dir = cache_root() / "kernels" / f"cpu_woq-{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(name="hfaccel_cpu_woq", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+    except Exception as e:                      # a compiler error, a missing header: keep aten's kernels
+        lines = str(e).splitlines() or [type(e).__name__]
+        first = next((line for line in lines if "error" in line.lower() and SOURCE.name in line), lines[0])
+        return False, f"building {SOURCE.name} failed: {first.strip()[:300]}"
+    _register_fakes()
+    return True, f"built or loaded from {build_dir} in {time.perf_counter() - start:.1f} s"
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing (FakeTensor): the ops return [..., N] in x's dtype."""
+
+    @torch.library.register_fake("hfaccel_cpu::int8_mm")
+    def _(x, q, scales):
+        return x.new_empty(*x.shape[:-1], q.shape[0])
+
+    @torch.library.register_fake("hfaccel_cpu::int4_mm")
+    def _(x, packed, scales_zeros, group_size):
+        return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def status() -> tuple[bool, str]:
+    """(use hfaccel's kernels for CPU int layers, why): the policy above, building on first call."""
+    want = requested()
+    if want == "aten":
+        return False, f"{ENV}=aten"
+    if want == "auto" and {"avx512_bf16", "amx_bf16"} & _cpu_flags():
+        return False, "this CPU has native bf16, where aten's packed bf16 kernels are the fast path"
+    return _build()
+
+
+def describe() -> str:
+    """The report's line: which CPU kernels the int layers run, and why."""
+    ok, why = status()
+    if ok:
+        return f"CPU int kernels: hfaccel's {KERNEL} (fp32 activations, nothing rounded but the weights); {why}"
+    return f"CPU int kernels: aten's packed ones (activations rounded to bf16 around them); {why}"
+
+
+def use_native(device: torch.device) -> bool:
+    return device.type == "cpu" and status()[0]
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (K <= q's columns) @ (q [N, Kq] int8 * scales [N, 1]).T -> [..., N] in x's dtype."""
+    return torch.ops.hfaccel_cpu.int8_mm(x, q, scales)
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., K] @ w.T, w[n, k] = (code - 8) * scale[g, n] + zero[g, n], g = k // group_size, codes packed by
+    pack_int4 and scales_zeros the bf16 [G, N, 2] pairs aten's int4 kernels read too."""
+    return torch.ops.hfaccel_cpu.int4_mm(x, packed, scales_zeros, group_size)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes 0..15 (K a multiple of 32) -> [N, K / 2] uint8: in each 32 columns, byte j holds column j
+    in its low nibble and column 16 + j in its high one."""
+    n, k = codes.shape
+    if k % 32:
+        raise ValueError(f"pack_int4 needs a multiple of 32 columns, got {k}")
+    c = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: [N, K / 2] uint8 -> [N, K] codes."""
+    n, half = packed.shape
+    p = packed.reshape(n, half // 16, 16)
+    return torch.stack([p & 15, p >> 4], dim=2).reshape(n, half * 2)

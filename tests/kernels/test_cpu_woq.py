@@ -1,0 +1,134 @@
+"""hfaccel's own int8 / int4 CPU kernels (hfaccel/kernels/cpu_woq.cpp) against float64 references.
+
+The references are written here from the layout's definition (loops over bytes and nibbles), not with the
+module's pack/unpack helpers. Skipped where the kernels do not build (no AVX-512F, no compiler).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfaccel.kernels import cpu_woq
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    ok, why = cpu_woq._build()
+    if not ok:
+        pytest.skip(f"hfaccel's CPU int kernels do not build here: {why}")
+
+
+def reference_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Byte j of each 32 columns: low nibble = column j, high nibble = column 16 + j."""
+    n, half = packed.shape
+    out = torch.zeros(n, half * 2, dtype=torch.uint8)
+    for r in range(n):
+        for b in range(half):
+            block, j = divmod(b, 16)
+            byte = int(packed[r, b])
+            out[r, block * 32 + j] = byte & 0xF
+            out[r, block * 32 + 16 + j] = byte >> 4
+    return out
+
+
+def test_pack_int4_matches_the_layout_definition_and_round_trips():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    packed = cpu_woq.pack_int4(codes)
+    assert packed.shape == (5, 48) and packed.dtype == torch.uint8
+    assert torch.equal(reference_unpack(packed), codes)
+    assert torch.equal(cpu_woq.unpack_int4(packed), codes)
+    with pytest.raises(ValueError, match="multiple of 32 columns, got 40"):
+        cpu_woq.pack_int4(codes[:, :40])
+
+
+# M = 1..4 take the register-tiled GEMV with every remainder (4, 2, 1); 17 and 40 the blocked sgemm path
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 17, 40])
+@pytest.mark.parametrize("n, k, kq", [(7, 33, 48), (64, 576, 576), (130, 200, 208)])
+def test_int8_mm_against_float64(m, n, k, kq):
+    torch.manual_seed(m * 1000 + n)
+    q = torch.randint(-127, 128, (n, kq), dtype=torch.int8)
+    scales = torch.rand(n) * 0.01 + 1e-3
+    x = torch.randn(m, k)
+    want = x.double() @ (q[:, :k].double() * scales.double()[:, None]).T
+    got = cpu_woq.int8_mm(x, q, scales)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    # fp32 sums of a few hundred products: errors scale with the largest output, not each one
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 20])
+@pytest.mark.parametrize("n, k, g", [(9, 64, 32), (64, 576, 64), (33, 256, 128), (16, 100, 32)])
+def test_int4_mm_against_float64(m, n, k, g):
+    torch.manual_seed(m * 1000 + n)
+    kp = -(-k // g) * g                               # the weight covers whole groups; x may be narrower
+    codes = torch.randint(0, 16, (n, kp), dtype=torch.uint8)
+    scales = (torch.rand(kp // g, n) * 0.02 + 1e-3).to(torch.bfloat16)
+    zeros = (torch.randn(kp // g, n) * 0.05).to(torch.bfloat16)
+    x = torch.randn(m, k)
+    w = ((codes.double() - 8) * scales.double().T.repeat_interleave(g, 1)
+         + zeros.double().T.repeat_interleave(g, 1))
+    want = x.double() @ w[:, :k].T
+    packed = torch.zeros(n, kp // 2, dtype=torch.uint8)           # packed by hand, from the definition
+    for b in range(kp // 2):
+        block, j = divmod(b, 16)
+        packed[:, b] = codes[:, block * 32 + j] | (codes[:, block * 32 + 16 + j] << 4)
+    got = cpu_woq.int4_mm(x, packed, torch.stack([scales, zeros], dim=-1).contiguous(), g)
+    assert got.shape == (m, n)
+    # fp32 sums of a few hundred products: errors scale with the largest output, not each one
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_leading_dims_and_bf16_input():
+    torch.manual_seed(1)
+    q = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    scales = torch.rand(24) * 0.01
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    got = cpu_woq.int8_mm(x, q, scales)
+    assert got.shape == (2, 3, 24) and got.dtype == torch.bfloat16
+    want = cpu_woq.int8_mm(x.float().reshape(6, 64), q, scales).reshape(2, 3, 24)
+    assert torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_bad_arguments_name_what_is_wrong():
+    q = torch.zeros(8, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="x has 40 columns, the weight only 32"):
+        cpu_woq.int8_mm(torch.zeros(1, 40), q, torch.ones(8))
+    with pytest.raises(RuntimeError, match=r"scales must be float32 \[8\]"):
+        cpu_woq.int8_mm(torch.zeros(1, 32), q, torch.ones(4))
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        cpu_woq.int8_mm(torch.zeros(1, 32, dtype=torch.float64), q, torch.ones(8))
+    packed = torch.zeros(8, 32, dtype=torch.uint8)                 # 64 codes per row
+    with pytest.raises(RuntimeError, match="group_size must be 32, 64 or 128, got 48"):
+        cpu_woq.int4_mm(torch.zeros(1, 64), packed, torch.ones(1, 8, 2, dtype=torch.bfloat16), 48)
+    with pytest.raises(RuntimeError, match=r"scales_zeros must be contiguous bfloat16 \[2, 8, 2\], got Float \[1, 8, 2\]"):
+        cpu_woq.int4_mm(torch.zeros(1, 64), packed, torch.ones(1, 8, 2), 32)
+
+
+def test_the_ops_compile_into_one_graph():
+    torch.manual_seed(2)
+    q = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+    scales = torch.rand(16) * 0.01
+    packed = cpu_woq.pack_int4(torch.randint(0, 16, (16, 64), dtype=torch.uint8))
+    sz = torch.rand(1, 16, 2).to(torch.bfloat16)
+
+    def f(x):
+        return torch.relu(cpu_woq.int8_mm(x, q, scales)) @ torch.ones(16, 64) + cpu_woq.int4_mm(x, packed, sz, 64).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(1, 3, 64)
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_policy_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_woq.ENV, "aten")
+    assert cpu_woq.status() == (False, f"{cpu_woq.ENV}=aten")
+    assert not cpu_woq.use_native(torch.device("cpu"))
+    monkeypatch.setenv(cpu_woq.ENV, "native")
+    assert cpu_woq.status()[0] and cpu_woq.use_native(torch.device("cpu"))
+    assert not cpu_woq.use_native(torch.device("meta"))
+    monkeypatch.setenv(cpu_woq.ENV, "fastest")
+    with pytest.raises(ValueError, match=r"HFACCEL_CPU_QUANT_KERNEL='fastest' is not allowed; allowed: auto, native, aten"):
+        cpu_woq.status()
