@@ -152,11 +152,21 @@ template <typename Dequant>
 at::Tensor blocked_sgemm(const at::Tensor& xf, int64_t N, int64_t K, Dequant dequant) {
   const int64_t M = xf.size(0);
   const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) / 16 * 16));
+  // one buffer per calling thread, kept (<= 4 MB): a fresh 4 MB allocation is a fresh mmap whose page faults
+  // cost about as much as the dequantization itself
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < nb * K) buffer = at::empty({nb * K}, xf.options());
+  if (nb == N) {
+    float* wp = buffer.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dequant(r, wp + r * K);
+    });
+    return at::mm(xf, buffer.narrow(0, 0, N * K).view({N, K}).t());
+  }
   auto y = at::empty({M, N}, xf.options());
-  auto w = at::empty({nb, K}, xf.options());
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t rows = std::min(nb, N - n0);
-    auto wb = w.narrow(0, 0, rows);
+    auto wb = buffer.narrow(0, 0, rows * K).view({rows, K});
     float* wp = wb.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) dequant(n0 + r, wp + r * K);
@@ -189,7 +199,12 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     y = blocked_sgemm(xf, N, K, [&](int64_t n, float* out) {
       const int8_t* qr = qp + n * Kq;
       const float s = sp[n];
-      for (int64_t k = 0; k < K; ++k) out[k] = (float)qr[k] * s;
+      const __m512 sv = _mm512_set1_ps(s);
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                    _mm_loadu_si128((const __m128i*)(qr + k)))), sv));
+      for (; k < K; ++k) out[k] = (float)qr[k] * s;
     });
   } else {
     y = at::empty({M, N}, xf.options());
@@ -229,12 +244,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   if (M > kSmallM) {
     y = blocked_sgemm(xf, N, Kp, [&](int64_t n, float* out) {
       const uint8_t* pr = pp + n * (Kp / 2);
+      const __m512i low = _mm512_set1_epi32(15);
       for (int64_t k = 0; k < Kp; k += 32) {
-        const float c = scale_of(sz, N, k / group_size, n), o = offset_of(sz, N, k / group_size, n);
-        for (int j = 0; j < 16; ++j) {
-          out[k + j] = (float)(pr[k / 2 + j] & 15) * c + o;
-          out[k + 16 + j] = (float)(pr[k / 2 + j] >> 4) * c + o;
-        }
+        const __m512 c = _mm512_set1_ps(scale_of(sz, N, k / group_size, n));
+        const __m512 o = _mm512_set1_ps(offset_of(sz, N, k / group_size, n));
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(pr + k / 2)));
+        _mm512_storeu_ps(out + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), c, o));
+        _mm512_storeu_ps(out + k + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), c, o));
       }
     });
   } else {
