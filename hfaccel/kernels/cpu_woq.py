@@ -39,6 +39,12 @@ def _cpu_flags() -> frozenset[str]:
     return cpu_flags()
 
 
+def _native_bf16() -> bool:
+    from ..device import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 def requested() -> str:
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in CHOICES:
@@ -92,7 +98,7 @@ def status() -> tuple[bool, str]:
     want = requested()
     if want == "aten":
         return False, f"{ENV}=aten"
-    if want == "auto" and {"avx512_bf16", "amx_bf16"} & _cpu_flags():
+    if want == "auto" and _native_bf16():
         return False, "this CPU has native bf16, where aten's packed bf16 kernels are the fast path"
     return _build()
 

@@ -44,7 +44,8 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.kernel = "dequant"
 
-    # subclasses define dequantize() -> [out, in] float weight and _matmul(x [T, in]) -> [T, out]
+    # subclasses define dequantize() -> [out, in] float weight, _matmul(x [T, in]) -> [T, out] for aten's and the
+    # dequantizing kernels, and _native(x) for hfaccel's (forward sends each layer to its own)
 
     padded = 0
 
@@ -105,8 +106,6 @@ class Int8Linear(QuantLinear):
         return cpu_woq.int8_mm(x2, self.qweight, self.scales)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.kernel == cpu_woq.KERNEL:
-            return self._native(x2)
         if self.kernel == "int8pack":
             if self.padded:
                 x2 = F.pad(x2, (0, self.padded))
@@ -195,8 +194,6 @@ class Int4Linear(QuantLinear):
         return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_zeros)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.kernel == cpu_woq.KERNEL:
-            return self._native(x2)
         if self.padded:
             x2 = F.pad(x2, (0, self.padded))
         if self.kernel != "dequant":
