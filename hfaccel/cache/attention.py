@@ -86,18 +86,59 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout: 
                                   dropout=dropout, scaling=scaling, **kwargs)
 
 
+ROW_KERNELS = ("auto", "cpp", "sdpa")
+_row_kernel = "auto"
+
+
+def set_row_kernel(name: str) -> None:
+    """Choose decode_rows' kernel (for benchmarks and tests): "auto" (hfaccel's C++ op where it applies and
+    builds), "cpp" (the same, an error where it cannot run), "sdpa" (one sdpa call per row)."""
+    global _row_kernel
+    if name not in ROW_KERNELS:
+        raise ValueError(f"row decode kernel {name!r} is not allowed; allowed: {', '.join(ROW_KERNELS)}")
+    _row_kernel = name
+
+
+def row_kernel_for(pool, query: torch.Tensor) -> str:
+    """"cpp" when hfaccel's C++ row decode applies (CPU, float32 queries and pool) and is loaded, else "sdpa"."""
+    if _row_kernel == "sdpa":
+        return "sdpa"
+    fits = query.device.type == "cpu" and query.dtype == torch.float32 and pool.keys.dtype == torch.float32
+    if fits:
+        from ..kernels import cpu_attention
+
+        ok, why = cpu_attention.status()
+        if ok:
+            return "cpp"
+    else:
+        why = f"it takes float32 on the CPU, not {query.dtype} queries on {query.device} over a {pool.keys.dtype} pool"
+    if _row_kernel == "cpp":
+        raise RuntimeError(f"hfaccel's C++ row decode cannot run here: {why}")
+    return "sdpa"
+
+
 def decode_rows(cache: PagedCache, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per row, each row over its own K/V without padding: [B, Hq, 1, D] -> [B, 1, Hq, D].
 
-    A row in consecutive slots reads its K/V as a view of the pool (no copy), a row in several runs
-    concatenates them. The row's query heads are grouped by KV head ([1, Hkv, G, D]: the G heads sharing a
-    KV head become G queries), so GQA needs no repeated K/V. For continuous batching, whose rows differ
-    in length: each row computes exactly what it would alone, and nobody gathers the padding.
+    Each row computes exactly what it would alone, and nobody gathers the padding: for continuous batching,
+    whose rows differ in length. Two kernels:
+    - "cpp" (CPU, float32): hfaccel's C++ op walks every row's runs of slots in the pool, all rows and KV
+      heads in one call per layer (kernels/cpu_attention.cpp; one sdpa per row costs ~100 us of call overhead);
+    - "sdpa": per row, a row in consecutive slots reads its K/V as a view of the pool (no copy), a row in
+      several runs concatenates them; its query heads are grouped by KV head ([1, Hkv, G, D]: the G heads
+      sharing a KV head become G queries), so GQA needs no repeated K/V.
     """
     pool = cache.pool
     b, hq, _, d = query.shape
+    length = cache.layers[layer].length
+    if pool.kv_dtype == "model" and row_kernel_for(pool, query) == "cpp":
+        from ..kernels import cpu_attention
+
+        segs = cache.row_segment_tensors(length)
+        out = cpu_attention.paged_decode(query[:, :, 0], pool.keys[layer], pool.values[layer], *segs, scale)
+        return out[:, None]
     outs = []
-    for r, segs in enumerate(cache.row_segments(cache.layers[layer].length)):
+    for r, segs in enumerate(cache.row_segments(length)):
         parts = [pool.read_run(layer, start, n) for start, n in segs]
         k = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
         v = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=2)

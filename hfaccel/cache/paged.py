@@ -506,6 +506,19 @@ class PagedCache(Cache):
         self._segments = (key, out)
         return out
 
+    def row_segment_tensors(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """row_segments(length) as (seg_start, seg_len, row_ptr) int64 tensors, built once per step (every
+        layer reads the same runs)."""
+        segs = self.row_segments(length)
+        cached = getattr(self, "_segment_tensors", None)
+        if cached is not None and cached[0] is segs:
+            return cached[1]
+        from ..kernels.cpu_attention import segments_tensors
+
+        tensors = segments_tensors(segs, self.pool.keys.device)
+        self._segment_tensors = (segs, tensors)
+        return tensors
+
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, H, length, D] K and V of every row: a view of the pool when one row sits in consecutive
         blocks (the common batch-1 case: blocks are handed out in order), else a gather."""

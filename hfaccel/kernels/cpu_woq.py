@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -57,28 +55,12 @@ def _build() -> tuple[bool, str]:
     """Build (or load the cached build of) the extension once per process: (loaded, how / why not)."""
     if "avx512f" not in _cpu_flags():
         return False, "this CPU has no AVX-512F"
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        return False, "no C++ compiler found (set CXX or install g++)"
-    from torch.utils import cpp_extension
+    from .cpp_build import build_extension
 
-    if not cpp_extension.is_ninja_available():
-        return False, "ninja is not installed (pip install ninja)"
-    from ..models import cache_root
-
-    tag = f"torch{torch.__version__.split('+')[0]}-{torch.__version__.partition('+')[2] or 'cpu'}"
-    build_dir = cache_root() / "kernels" / f"cpu_woq-{tag}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    try:
-        cpp_extension.load(name="hfaccel_cpu_woq", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
-    except Exception as e:                      # a compiler error, a missing header: keep aten's kernels
-        lines = str(e).splitlines() or [type(e).__name__]
-        first = next((line for line in lines if "error" in line.lower() and SOURCE.name in line), lines[0])
-        return False, f"building {SOURCE.name} failed: {first.strip()[:300]}"
-    _register_fakes()
-    return True, f"built or loaded from {build_dir} in {time.perf_counter() - start:.1f} s"
+    ok, why = build_extension("hfaccel_cpu_woq", SOURCE, FLAGS)
+    if ok:
+        _register_fakes()
+    return ok, why
 
 
 def _register_fakes() -> None:

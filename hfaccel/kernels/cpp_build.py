@@ -1,0 +1,39 @@
+"""Build (or load the cached build of) one of hfaccel's C++ CPU kernels with torch.utils.cpp_extension.
+
+The .so lands in the hfaccel cache, one folder per source, torch version and build; cpp_extension rebuilds
+when the source or the flags change. Loading registers the source's TORCH_LIBRARY ops in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_extension(name: str, source: Path, flags: list[str]) -> tuple[bool, str]:
+    """(loaded, how / why not). Never raises: a missing compiler or a failed build is a reason."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        return False, "no C++ compiler found (set CXX or install g++)"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return False, "ninja is not installed (pip install ninja)"
+    from ..models import cache_root
+
+    tag = f"torch{torch.__version__.split('+')[0]}-{torch.__version__.partition('+')[2] or 'cpu'}"
+    build_dir = cache_root() / "kernels" / f"{source.stem}-{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, build_directory=str(build_dir),
+                           is_python_module=False, verbose=False)
+    except Exception as e:                      # a compiler error, a missing header: the caller keeps its fallback
+        lines = str(e).splitlines() or [type(e).__name__]
+        first = next((line for line in lines if "error" in line.lower() and source.name in line), lines[0])
+        return False, f"building {source.name} failed: {first.strip()[:300]}"
+    return True, f"built or loaded from {build_dir} in {time.perf_counter() - start:.1f} s"

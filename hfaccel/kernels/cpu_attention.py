@@ -1,0 +1,62 @@
+"""hfaccel's CPU decode attention over paged rows (cpu_attention.cpp), for the continuous-batching engine.
+
+`paged_decode(q, k, v, seg_start, seg_len, row_ptr, scale)` attends one query token per row over that row's
+runs of slots in a layer of the KV pool, all rows and KV heads in one call (see the .cpp for the contract).
+It replaces one sdpa call per row and layer in `cache.attention.decode_rows`. Plain C++ (the compiler
+vectorizes the head_dim loops), built once per torch version into the hfaccel cache; where it cannot be
+built the engine keeps the per-row sdpa and `status()` says why.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+
+
+def _flags() -> list[str]:
+    from ..device import cpu_flags
+
+    flags = ["-O3", "-fopenmp"]
+    have = cpu_flags()
+    if {"avx2", "fma"} <= have:                  # not -march=native: a cache shared by two CPUs stays valid
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+@functools.cache
+def status() -> tuple[bool, str]:
+    """(the op is loaded, how / why not); builds on the first call."""
+    from .cpp_build import build_extension
+
+    ok, why = build_extension("hfaccel_cpu_attention", SOURCE, _flags())
+    if ok:
+        @torch.library.register_fake("hfaccel_cpu_attn::paged_decode")
+        def _(q, k, v, seg_start, seg_len, row_ptr, scale):
+            return q.new_empty(q.shape)
+    return ok, why
+
+
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor,
+                 seg_len: torch.Tensor, row_ptr: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D], k / v [Hkv, S, D] (one layer of the pool), row b over the runs row_ptr[b]:row_ptr[b+1]
+    of (seg_start, seg_len) -> [B, Hq, D]. float32 only."""
+    return torch.ops.hfaccel_cpu_attn.paged_decode(q, k, v, seg_start, seg_len, row_ptr, scale)
+
+
+def segments_tensors(segments: list[list[tuple[int, int]]], device) -> tuple[torch.Tensor, ...]:
+    """Per-row [(first slot, count)] runs -> (seg_start, seg_len, row_ptr) int64 tensors."""
+    starts, lens, ptr = [], [], [0]
+    for segs in segments:
+        for s, n in segs:
+            starts.append(s)
+            lens.append(n)
+        ptr.append(len(starts))
+    mk = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return mk(starts), mk(lens), mk(ptr)
+
+
+__all__ = ["paged_decode", "segments_tensors", "status"]

@@ -1,0 +1,87 @@
+"""hfaccel's C++ row decode attention (hfaccel/kernels/cpu_attention.cpp) against sdpa per row, and its use in
+the batching engine's decode_rows. Skipped where the op does not build (no compiler, no ninja)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfaccel.kernels import cpu_attention
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    ok, why = cpu_attention.status()
+    if not ok:
+        pytest.skip(f"hfaccel's C++ row decode does not build here: {why}")
+
+
+def reference(q, k, v, segments, scale):
+    """Each row alone: its keys gathered in order, sdpa in float64, GQA by repeating the KV heads."""
+    outs = []
+    hq, hkv = q.shape[1], k.shape[0]
+    for b, segs in enumerate(segments):
+        idx = torch.cat([torch.arange(s, s + n) for s, n in segs])
+        kk = k[:, idx].double().repeat_interleave(hq // hkv, 0)
+        vv = v[:, idx].double().repeat_interleave(hq // hkv, 0)
+        p = torch.softmax((q[b].double()[:, None] @ kk.transpose(1, 2)) * scale, dim=-1)
+        outs.append((p @ vv)[:, 0])
+    return torch.stack(outs).float()
+
+
+# G = hq / hkv: 1, 3 (SmolLM2) and 8 take the vectorized tasks, 9 and a head_dim of 20 the generic loop
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (9, 1, 64), (6, 2, 20), (2, 1, 8)])
+def test_matches_each_row_alone(hq, hkv, d):
+    torch.manual_seed(hq * 100 + d)
+    slots = 1024
+    k, v = torch.randn(hkv, slots, d), torch.randn(hkv, slots, d)
+    segments = [[(0, 300)], [(512, 16), (100, 37), (700, 5)], [(900, 1)], [(320, 7)], [(1000, 24)]]
+    q = torch.randn(len(segments), hq, d) * 2
+    out = cpu_attention.paged_decode(q, k, v, *cpu_attention.segments_tensors(segments, "cpu"), 0.3)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference(q, k, v, segments, 0.3), rtol=2e-5, atol=2e-5)
+
+
+def test_large_scores_do_not_overflow_and_tiny_probabilities_flush_cleanly():
+    k = torch.zeros(1, 64, 16)
+    v = torch.arange(64, dtype=torch.float32)[None, :, None].expand(1, 64, 16).contiguous()
+    k[0, 10] = 50.0                          # one key dominates by exp(50 * 50 * scale): the others underflow
+    q = torch.full((1, 1, 16), 50.0)
+    out = cpu_attention.paged_decode(q, k, v, *cpu_attention.segments_tensors([[(0, 64)]], "cpu"), 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.full((1, 1, 16), 10.0))
+
+
+def test_bad_arguments_name_what_is_wrong():
+    k = v = torch.zeros(2, 32, 8)
+    q = torch.zeros(1, 4, 8)
+    ok = cpu_attention.segments_tensors([[(0, 4)]], "cpu")
+    with pytest.raises(RuntimeError, match="outside the pool's 32 slots"):
+        cpu_attention.paged_decode(q, k, v, *cpu_attention.segments_tensors([[(30, 4)]], "cpu"), 1.0)
+    with pytest.raises(RuntimeError, match="row 0 has no keys"):
+        cpu_attention.paged_decode(q, k, v, *cpu_attention.segments_tensors([[]], "cpu"), 1.0)
+    with pytest.raises(RuntimeError, match="B \\+ 1 = 3"):
+        cpu_attention.paged_decode(torch.zeros(2, 4, 8), k, v, *ok, 1.0)
+    with pytest.raises(RuntimeError, match="not a multiple of Hkv"):
+        cpu_attention.paged_decode(torch.zeros(1, 3, 8), k, v, *ok, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_attention.paged_decode(q.bfloat16(), k, v, *ok, 1.0)
+
+
+def test_row_kernel_choice():
+    from hfaccel.cache import attention
+    from hfaccel.cache.paged import KVPool
+
+    pool = KVPool(1, 1, 8, 4)
+    assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8)) == "cpp"
+    assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) == "sdpa"
+    try:
+        attention.set_row_kernel("sdpa")
+        assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8)) == "sdpa"
+        attention.set_row_kernel("cpp")
+        with pytest.raises(RuntimeError, match="takes float32 on the CPU"):
+            attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="allowed: auto, cpp, sdpa"):
+            attention.set_row_kernel("triton")
+    finally:
+        attention.set_row_kernel("auto")
