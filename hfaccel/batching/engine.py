@@ -5,8 +5,9 @@ A step runs at most two forwards of the unchanged model:
 - every decoding request, one token each, as one batch: a PagedCache view whose rows are the requests'
   own block tables, right-aligned (row r is left-padded by T - computed_r, padding maps to the pool's null
   block and is masked), positions per row. With hfaccel_paged attention each row attends over its own K/V
-  only, read as a view of the pool: a request reserves consecutive blocks for its whole length when it
-  is admitted (BlockPool.reserve_run), so its blocks stay consecutive while every request grows;
+  only, read in place from the pool (attention.decode_rows: on the CPU in float32 one C++ call per layer
+  for all rows, else one sdpa per row over a view): a request reserves consecutive blocks for its whole
+  length when it is admitted (BlockPool.reserve_run), so its blocks stay consecutive while every request grows;
 - one prefill chunk of one request (batch 1), its size set by the step's token budget.
 The view is rebuilt every step from the requests' tables (cheap bookkeeping, no K/V copies), so requests
 join and leave between any two steps. Blocks a step allocates land in the requests' own tables; a
