@@ -100,10 +100,11 @@ def set_row_kernel(name: str) -> None:
 
 
 def row_kernel_for(pool, query: torch.Tensor) -> str:
-    """"cpp" when hfaccel's C++ row decode applies (CPU, float32 queries and pool) and is loaded, else "sdpa"."""
+    """"cpp" when hfaccel's C++ row decode applies (CPU, float32 queries and K/V) and is loaded, else "sdpa"."""
     if _row_kernel == "sdpa":
         return "sdpa"
-    fits = query.device.type == "cpu" and query.dtype == torch.float32 and pool.keys.dtype == torch.float32
+    fits = query.device.type == "cpu" and query.dtype == torch.float32 and pool.keys.dtype == torch.float32 \
+        and pool.kv_dtype == "model"
     if fits:
         from ..kernels import cpu_attention
 
@@ -111,7 +112,8 @@ def row_kernel_for(pool, query: torch.Tensor) -> str:
         if ok:
             return "cpp"
     else:
-        why = f"it takes float32 on the CPU, not {query.dtype} queries on {query.device} over a {pool.keys.dtype} pool"
+        why = (f"it takes float32 on the CPU, not {query.dtype} queries on {query.device} over a "
+               f"{pool.keys.dtype} pool (K/V dtype {pool.kv_dtype})")
     if _row_kernel == "cpp":
         raise RuntimeError(f"hfaccel's C++ row decode cannot run here: {why}")
     return "sdpa"
@@ -131,7 +133,7 @@ def decode_rows(cache: PagedCache, layer: int, query: torch.Tensor, scale: float
     pool = cache.pool
     b, hq, _, d = query.shape
     length = cache.layers[layer].length
-    if pool.kv_dtype == "model" and row_kernel_for(pool, query) == "cpp":
+    if row_kernel_for(pool, query) == "cpp":
         from ..kernels import cpu_attention
 
         segs = cache.row_segment_tensors(length)

@@ -317,6 +317,7 @@ class PagedCache(Cache):
         self._prepared = 0        # positions [0, _prepared) have private, allocated blocks in every row
         self._compacted = False
         self._segments = None
+        self._segment_tensors = None             # row_segment_tensors: (the segments, their tensors)
         # decode attention row by row over each row's own K/V (views of the pool), ignoring the left padding:
         # for callers whose mask is exactly "no padding" (the batching engine), see attention.decode_rows
         self.row_views = False
@@ -510,9 +511,8 @@ class PagedCache(Cache):
         """row_segments(length) as (seg_start, seg_len, row_ptr) int64 tensors, built once per step (every
         layer reads the same runs)."""
         segs = self.row_segments(length)
-        cached = getattr(self, "_segment_tensors", None)
-        if cached is not None and cached[0] is segs:
-            return cached[1]
+        if self._segment_tensors is not None and self._segment_tensors[0] is segs:
+            return self._segment_tensors[1]
         from ..kernels.cpu_attention import segments_tensors
 
         tensors = segments_tensors(segs, self.pool.keys.device)

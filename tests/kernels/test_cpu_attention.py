@@ -75,6 +75,7 @@ def test_row_kernel_choice():
     pool = KVPool(1, 1, 8, 4)
     assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8)) == "cpp"
     assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) == "sdpa"
+    assert attention.row_kernel_for(KVPool(1, 1, 8, 4, kv_dtype="int8"), torch.zeros(1, 1, 1, 8)) == "sdpa"
     try:
         attention.set_row_kernel("sdpa")
         assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8)) == "sdpa"
