@@ -201,6 +201,9 @@ class FusionConfig(_Section):
     packed_weights: bool = _opt(False, doc="fp32/bf16 Linear layers on CPU run on oneDNN with weights reordered once, "
                                            "where faster (measured per shape; sums in another order; projections "
                                            "fused by qkv/gate_up keep their GEMM)")
+    small_gemm: bool = _opt(False, doc="fp32 Linear layers on CPU with 1-16 rows of input (batched decode, verify) "
+                                       "run hfaccel's few-row GEMM where faster (measured per shape; sums in "
+                                       "another order)")
 
 
 @dataclass(frozen=True)
