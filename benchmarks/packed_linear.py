@@ -1,9 +1,9 @@
-"""Per-layer time of one Linear on the CPU: nn.Linear row-major, column-major (fusion.weight_layout), and
-oneDNN reordered (fusion.packed_weights), at M = 1 (decode), 4 (a verify or a small batch), 90 and 512
-(prefill), for SmolLM2-135M's shapes. Weights are cycled through copies totalling ~96 MB, 3x this machine's
+"""Per-layer time of one Linear on the CPU: nn.Linear row-major, column-major (fusion.weight_layout), oneDNN
+reordered (fusion.packed_weights) and, in float32 for M <= 16, hfaccel's few-row GEMM (fusion.small_gemm), at
+M = 1 (decode), 4 (a verify or a small batch), 90 and 512 (prefill), for SmolLM2-135M's shapes. Weights are cycled through copies totalling ~96 MB, 3x this machine's
 L3, so each call reads its weights from memory as in decoding.
 
-    python benchmarks/packed_linear.py --threads 2 [--dtype float32|bfloat16]
+    python benchmarks/packed_linear.py --threads 2 [--dtype float32|bfloat16] [--ms 1,4,16,90,512]
 """
 
 from __future__ import annotations
@@ -39,8 +39,18 @@ def main() -> None:
     def packed(x, p):
         return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
 
+    small = None
+    if dtype == torch.float32:
+        from hfaccel.kernels import cpu_gemm
+
+        ok, why = cpu_gemm.status()
+        small = cpu_gemm.small_linear if ok else None
+        if not ok:
+            print(f"# hfaccel's few-row GEMM: {why}")
     print(f"# {args.dtype}, {args.threads} threads; microseconds per call: row-major / column-major / oneDNN "
-          f"reordered (speed-up of reordered over row-major)")
+          f"reordered (speed-up of reordered over row-major)" +
+          ("; M <= 16: then hfaccel's few-row GEMM on the row-major weight [speed-up over the best of the "
+           "others]" if small else ""))
     print("| shape [out, in] | " + " | ".join(f"M={m}" for m in ms) + " |")
     print("|---|" + "---|" * len(ms))
     with torch.inference_mode():
@@ -56,7 +66,11 @@ def main() -> None:
                 a = per_call(linear, rows, x, calls) * 1e6
                 b = per_call(linear, cols, x, calls) * 1e6
                 c = per_call(packed, packs, x, calls) * 1e6
-                cells.append(f"{a:.0f} / {b:.0f} / {c:.0f} ({a / c:.2f}x)")
+                cell = f"{a:.0f} / {b:.0f} / {c:.0f} ({a / c:.2f}x)"
+                if small is not None and m <= cpu_gemm.MAX_ROWS:
+                    d = per_call(small, rows, x, calls) * 1e6
+                    cell += f" / {d:.0f} [{min(a, b, c) / d:.2f}x]"
+                cells.append(cell)
             print(f"| {n}x{k} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -14,6 +14,30 @@ from pathlib import Path
 import torch
 
 
+def portable_flags(avx512: bool = False) -> list[str]:
+    """-O3 -fopenmp (at::parallel_for is OpenMP in a header) plus the vector ISA this CPU has: AVX2 + FMA, and
+    AVX-512F if asked for and present. Not -march=native, so that a cache shared by two CPUs stays valid."""
+    from ..device import cpu_flags
+
+    flags = ["-O3", "-fopenmp"]
+    have = cpu_flags()
+    if {"avx2", "fma"} <= have:
+        flags += ["-mavx2", "-mfma"]
+    if avx512 and "avx512f" in have:
+        flags += ["-mavx512f"]
+    return flags
+
+
+def build_ops(name: str, source: Path, flags: list[str], fakes: dict | None = None) -> tuple[bool, str]:
+    """build_extension, then register a fake (shape-only) implementation for each op in `fakes` ({"ns::op":
+    fn}), so that torch.compile can trace the ops."""
+    ok, why = build_extension(name, source, flags)
+    if ok:
+        for op, fn in (fakes or {}).items():
+            torch.library.register_fake(op)(fn)
+    return ok, why
+
+
 def build_extension(name: str, source: Path, flags: list[str]) -> tuple[bool, str]:
     """(loaded, how / why not). Never raises: a missing compiler or a failed build is a reason."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")

@@ -17,27 +17,13 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 
 
-def _flags() -> list[str]:
-    from ..device import cpu_flags
-
-    flags = ["-O3", "-fopenmp"]
-    have = cpu_flags()
-    if {"avx2", "fma"} <= have:                  # not -march=native: a cache shared by two CPUs stays valid
-        flags += ["-mavx2", "-mfma"]
-    return flags
-
-
 @functools.cache
 def status() -> tuple[bool, str]:
     """(the op is loaded, how / why not); builds on the first call."""
-    from .cpp_build import build_extension
+    from .cpp_build import build_ops, portable_flags
 
-    ok, why = build_extension("hfaccel_cpu_attention", SOURCE, _flags())
-    if ok:
-        @torch.library.register_fake("hfaccel_cpu_attn::paged_decode")
-        def _(q, k, v, seg_start, seg_len, row_ptr, scale):
-            return q.new_empty(q.shape)
-    return ok, why
+    return build_ops("hfaccel_cpu_attention", SOURCE, portable_flags(), {
+        "hfaccel_cpu_attn::paged_decode": lambda q, k, v, seg_start, seg_len, row_ptr, scale: q.new_empty(q.shape)})
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor,

@@ -17,29 +17,13 @@ SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 MAX_ROWS = 16                  # rows of x the feature routes here; more go to F.linear
 
 
-def _flags() -> list[str]:
-    from ..device import cpu_flags
-
-    flags = ["-O3", "-fopenmp"]
-    have = cpu_flags()
-    if {"avx2", "fma"} <= have:                  # not -march=native: a cache shared by two CPUs stays valid
-        flags += ["-mavx2", "-mfma"]
-    if "avx512f" in have:
-        flags += ["-mavx512f"]
-    return flags
-
-
 @functools.cache
 def status() -> tuple[bool, str]:
     """(the op is loaded, how / why not); builds on the first call."""
-    from .cpp_build import build_extension
+    from .cpp_build import build_ops, portable_flags
 
-    ok, why = build_extension("hfaccel_cpu_gemm", SOURCE, _flags())
-    if ok:
-        @torch.library.register_fake("hfaccel_cpu_gemm::small_linear")
-        def _(x, w, bias):
-            return x.new_empty(x.shape[0], w.shape[0])
-    return ok, why
+    return build_ops("hfaccel_cpu_gemm", SOURCE, portable_flags(avx512=True), {
+        "hfaccel_cpu_gemm::small_linear": lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0])})
 
 
 def fast_path() -> bool:
