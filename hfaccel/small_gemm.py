@@ -4,17 +4,17 @@ A batched decode step (the continuous-batching engine's 16 rows, generate() at b
 every Linear at M = 2-16, where the BLAS's sgemm reads the weights at a fraction of the memory's rate; the
 C++ op in kernels/cpu_gemm.cpp reads each weight once per call and keeps all rows' sums in registers.
 Measured on the 2-core Sapphire Rapids here over SmolLM2's 210 layer weights: 51 -> 38 ms at M = 16,
-37 -> 22 ms at M = 4, 21 -> 20 ms at M = 1 (`python benchmarks/packed_linear.py`-style timing, weights from
-memory).
+37 -> 22 ms at M = 4, 21 -> 20 ms at M = 1; per layer, `python benchmarks/packed_linear.py --ms 1,4,16`.
 
 - Each fp32 nn.Linear on the CPU that the feature takes gets an instance forward: x with 1..MAX_ROWS rows
   (and no gradient to track) goes to the op, anything else to F.linear, so prefill and training are
   unchanged. Under torch.compile (hfaccel compiles only its decode and verify steps, whose inputs have a
-  few rows) the op is always the graph node: a branch on a dynamic row count would guard the graph. The op needs the weight row-major: a weight that weight_layout made column-major goes back to
-  row-major (same parameter, same memory); revert_model restores the layout and the forward.
+  few rows) the op is always the graph node: a branch on a dynamic row count would guard the graph.
+- The op needs the weight row-major: a weight that weight_layout made column-major goes back to row-major
+  (same parameter, same memory); revert_model restores the layout and the forward.
 - Each distinct weight shape is timed both ways at M = 1 and M = 16 over all of the model's weights of that
-  shape, and taken only where the op is at least MIN_GAIN faster at 16 rows and not slower at one row
-  (so a CPU without AVX-512, where the op is a plain loop, keeps F.linear).
+  shape, and taken only where the op is at least MIN_GAIN faster at 16 rows and at most SLOWER_OK slower
+  (timing noise) at one row, so a CPU without AVX-512, where the op is a plain loop, keeps F.linear.
 - Sums run in another order than the BLAS's: outputs differ at rounding level, so greedy tokens are tested
   on every architecture, not assumed (like weight_layout and packed_weights).
 """
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import packed  # noqa: F401  (registers packed_weights first: this feature takes what it left as nn.Linear)
+from .kernels.cpu_gemm import MAX_ROWS
 from .registry import Plan, register_feature
 from .report import Skip
 
@@ -38,8 +39,6 @@ REPS = 4
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    from .kernels.cpu_gemm import MAX_ROWS
-
     w = self.weight
     k = w.shape[1]
     if x.dtype == torch.float32 and x.device.type == "cpu" and w.is_contiguous() and k > 0 and \
@@ -85,7 +84,7 @@ def _time(fn, weights: list[torch.Tensor], x: torch.Tensor) -> float:
 
 def measure(groups) -> dict[tuple[int, int], dict[int, tuple[float, float]]]:
     """shape -> {rows: (seconds F.linear as the weights are stored, seconds with the op)} for rows 1 and 16."""
-    from .kernels.cpu_gemm import MAX_ROWS, small_linear
+    from .kernels.cpu_gemm import small_linear
 
     out = {}
     for shape, mods in groups.items():
@@ -112,8 +111,6 @@ def plan_small_gemm(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         return Skip("small_gemm", f"few-row GEMM: the C++ op is not available ({why})")
 
     def apply(rw) -> None:
-        from .kernels.cpu_gemm import MAX_ROWS
-
         groups = candidates(model)        # again: earlier stages (quantize, fuse, packed_weights) replaced modules
         timing = measure(groups)
         relaid: set[int] = set()

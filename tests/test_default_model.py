@@ -15,7 +15,8 @@ from .conftest import greedy, needs_default_model
 pytestmark = needs_default_model
 
 
-@pytest.mark.parametrize("config", [None, "cpu-fast", "low-latency"])
+# low-latency (~110 s: it compiles the decode and verify steps) runs in CI's second step, with the slow tests
+@pytest.mark.parametrize("config", [None, "cpu-fast", pytest.param("low-latency", marks=pytest.mark.slow)])
 def test_default_model_greedy_equal(default_model, config):
     plain, tok = default_model
     model = copy.deepcopy(plain)

@@ -63,6 +63,7 @@ def test_bench_lossy_preset_reports_quality(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+@pytest.mark.slow          # ~110 s: CI's second step runs it (the default run stays near 20 minutes)
 @needs_default_model
 def test_bench_smoke_default_model(tmp_path):
     out = tmp_path / "b.json"

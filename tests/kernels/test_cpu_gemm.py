@@ -57,6 +57,12 @@ def test_many_threads_and_one_give_the_same_sums():
     assert torch.equal(one, many)                            # each output's sum is one thread's, in k order
 
 
+def test_the_fast_path_is_built_where_the_cpu_has_avx512():
+    from hfaccel.device import cpu_flags
+
+    assert cpu_gemm.fast_path() == ("avx512f" in cpu_flags())
+
+
 def test_bad_arguments_name_what_is_wrong():
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="float32 only"):
