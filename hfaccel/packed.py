@@ -7,7 +7,8 @@ width-1 forward. oneDNN can reorder W into its own blocked layout once (`mkldnn.
 run `mkldnn._linear_pointwise` on it. Measured per layer, fp32, weights read from memory (`python
 benchmarks/packed_linear.py`): 1.2-2.8x faster at M = 1, 1.9-3.3x at M = 4, about 2x at M = 90-512 (prefill).
 
-`PackedLinear` replaces an fp32 or bf16 nn.Linear on the CPU:
+`PackedLinear` replaces an fp32 or bf16 nn.Linear on the CPU (bf16 only where oneDNN has a bf16 path: AVX-512BW
+or AVX-NE-CONVERT; an AVX2-only CPU packs fp32 layers alone):
 - it holds the reordered weight instead of the dense one (same bytes, no second copy) and the bias;
 - `state_dict()` still gives `weight` as a dense [out, in] tensor under the same key, and loading a state
   dict repacks, so checkpoints and save_pretrained are unchanged; a tied weight (the head sharing the
@@ -42,13 +43,25 @@ _PACKED: dict[int, torch.Tensor] = {}          # handle -> reordered weight, for
 _handles = itertools.count(1)
 
 
-def available() -> str | None:
-    """None when oneDNN's packed linear runs here, else why not."""
+def available(dtype: torch.dtype = torch.float32) -> str | None:
+    """None when oneDNN's packed linear runs here for weights of `dtype`, else why not."""
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN (torch.backends.mkldnn)"
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return "this PyTorch build has no mkldnn._reorder_linear_weight"
+    if dtype is torch.bfloat16 and not _onednn_bf16():
+        # oneDNN refuses to reorder a bf16 weight there (measured on an AVX2-only EPYC: "bf16 path needs the
+        # cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+        return "oneDNN has no bf16 path on this CPU (it needs AVX-512BW/VL/DQ or AVX-NE-CONVERT)"
     return None
+
+
+def _onednn_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    return tuple(d for d in DTYPES if available(d) is None)
 
 
 def reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -89,6 +102,11 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
+        if self.dtype not in DTYPES:
+            raise TypeError(f"PackedLinear takes float32 or bfloat16 weights, got {self.dtype}")
+        why = available(self.dtype)
+        if why:
+            raise RuntimeError(f"PackedLinear cannot pack {self.dtype} weights: {why}")
         self.packed = reorder(linear.weight)
         self.bias = linear.bias
         # a weight another module uses too (tied head): kept, so `weight` costs nothing and stays shared
@@ -172,6 +190,7 @@ def candidates(model: nn.Module) -> tuple[dict[str, nn.Linear], int]:
 
     placement = Placement.detect(model)
     adapters = adapter_layers(model)
+    dtypes = packable_dtypes()
     out, offloaded = {}, 0
     for path, mod in model.named_modules():
         # a forward on the instance other than accelerate's hook (which moves to the packed layer): e.g. a
@@ -182,7 +201,7 @@ def candidates(model: nn.Module) -> tuple[dict[str, nn.Linear], int]:
             offloaded += 1
             continue
         w = mod.weight
-        if _is_dtensor(w) or w.device.type != "cpu" or w.dtype not in DTYPES:
+        if _is_dtensor(w) or w.device.type != "cpu" or w.dtype not in dtypes:
             continue
         if any(path == a or path.startswith(a + ".") for a in adapters):
             continue
@@ -237,8 +256,10 @@ def plan_packed_weights(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     mods, offloaded = candidates(model)
     notes = [offloaded_reason(offloaded, "Linear layers")] if offloaded else []
     if not mods:
-        return Skip("packed_weights", "; ".join(["oneDNN packed weights: no fp32/bf16 nn.Linear layers on the CPU"]
-                                                + notes))
+        kinds = "/".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in packable_dtypes())
+        unsupported = [why for d in DTYPES if (why := available(d))]
+        return Skip("packed_weights", "; ".join([f"oneDNN packed weights: no {kinds} nn.Linear layers on the CPU"]
+                                                + unsupported + notes))
 
     def apply(rw) -> None:
         mods, _ = candidates(model)          # again: earlier stages (shard, quantize, fuse) changed modules
@@ -287,4 +308,4 @@ def _swap(rw, model: nn.Module, path: str, old: nn.Linear, new: PackedLinear, ti
     rw.record(path, "Linear", label, undo)
 
 
-__all__ = ["PackedLinear", "available", "candidates", "plan_packed_weights"]
+__all__ = ["PackedLinear", "available", "candidates", "packable_dtypes", "plan_packed_weights"]

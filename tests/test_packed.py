@@ -34,6 +34,10 @@ def packed_paths(model) -> list[str]:
 def test_layer_matches_linear_for_2d_3d_bias_and_bf16():
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        if dtype not in packed.packable_dtypes():            # oneDNN has no bf16 path on an AVX2-only CPU
+            with pytest.raises(RuntimeError, match="cannot pack torch.bfloat16 weights: oneDNN has no bf16 path"):
+                packed.PackedLinear(nn.Linear(37, 53).to(dtype))
+            continue
         lin = nn.Linear(37, 53, bias=True).to(dtype)
         p = packed.PackedLinear(lin)
         for shape in ((1, 37), (5, 37), (2, 3, 37)):
@@ -41,8 +45,9 @@ def test_layer_matches_linear_for_2d_3d_bias_and_bf16():
             with torch.inference_mode():
                 torch.testing.assert_close(p(x), lin(x), rtol=tol, atol=tol)
         assert torch.equal(p.weight, lin.weight.detach())
-    with pytest.raises(TypeError, match="holds torch.bfloat16 weights; got a torch.float32 input"):
-        p(torch.randn(1, 37))
+    if torch.bfloat16 in packed.packable_dtypes():
+        with pytest.raises(TypeError, match="holds torch.bfloat16 weights; got a torch.float32 input"):
+            p(torch.randn(1, 37))
 
 
 def test_gradients_reach_the_input_and_bias():
@@ -142,6 +147,24 @@ def test_revert_restores_exact_linears_and_second_call_is_a_noop(always):
     want, got = ref.state_dict(), model.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert all(p.is_contiguous() and p.numel() for p in model.parameters())
+
+
+def test_bf16_layers_are_left_with_the_reason_where_onednn_has_no_bf16_path(monkeypatch, always):
+    """An AVX2-only CPU (an EPYC, seen): oneDNN refuses to reorder bf16 weights. A bf16 model keeps its Linears
+    there, with the reason, and the compiled step's certified bf16 head holds a plain bf16 Linear instead."""
+    from hfaccel import certified_head
+
+    monkeypatch.setattr(packed, "_onednn_bf16", lambda: False)
+    assert packed.packable_dtypes() == (torch.float32,)
+    bf16 = models.tiny("llama").to(torch.bfloat16)
+    report = hfaccel.accelerate_model(bf16, fusion=ON)
+    assert not packed_paths(bf16)
+    assert any(s.feature == "packed_weights" and "no fp32 nn.Linear layers" in s.reason and "no bf16 path" in s.reason
+               for s in report.skipped), report.skipped
+    model = models.tiny("llama")
+    assert isinstance(certified_head.CertifiedHead(model.lm_head.weight).low, nn.Linear)   # aten's bf16 path
+    hfaccel.accelerate_model(model, fusion=ON, compile={"enabled": True, "warmup": False})
+    assert packed_paths(model)
 
 
 def test_kept_where_not_faster_refused_in_training_and_off_by_default(monkeypatch):
