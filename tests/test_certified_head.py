@@ -34,6 +34,18 @@ def test_the_bound_covers_the_bf16_error_and_a_certified_pick_is_the_fp32_argmax
     assert torch.equal(token, z.argmax(dim=-1))
 
 
+def test_the_bf16_copy_is_row_major_when_the_head_is_column_major():
+    """weight_layout may leave the fp32 head column-major; a column-major bf16 copy made aten's GEMV 40x slower
+    on an AVX2 CPU (186 ms vs 4.7 ms for 49152x576), so the copy is always row-major."""
+    w, h = head_of()
+    col = w.t().contiguous().t()
+    cert = CertifiedHead(col)
+    assert cert.weight.data_ptr() == col.data_ptr()                       # the fp32 weight is not copied
+    if isinstance(cert.low, nn.Linear):
+        assert cert.low.weight.is_contiguous()
+    torch.testing.assert_close(cert.approx(h), CertifiedHead(w).approx(h), rtol=0, atol=0)
+
+
 def test_blocked_tokens_are_never_picked():
     w, h = head_of(seed=1)
     z = h @ w.T
