@@ -50,6 +50,10 @@ def build_extension(name: str, source: Path, flags: list[str]) -> tuple[bool, st
     from ..models import cache_root
 
     tag = f"torch{torch.__version__.split('+')[0]}-{torch.__version__.partition('+')[2] or 'cpu'}"
+    # one folder per instruction set too: a cache shared by an AVX-512 and an AVX2 machine would otherwise
+    # rebuild on every switch (torch's JIT versioner sees the flags change) instead of keeping both builds
+    isa = "avx512" if "-mavx512f" in flags else "avx2" if "-mavx2" in flags else "generic"
+    tag += f"-{isa}"
     build_dir = cache_root() / "kernels" / f"{source.stem}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

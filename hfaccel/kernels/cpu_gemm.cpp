@@ -9,18 +9,20 @@
 //   hfaccel_cpu_gemm::small_linear(x [M, K] f32, w [N, K] f32 contiguous (nn.Linear's weight), bias [N] f32 or
 //                                  None) -> [M, N]
 //
-// The N output columns are cut into blocks of 4 weight rows, split over the threads. For a block, rows of x go
-// in chunks of 6: 24 accumulator registers (one per output), and each step over k (16 floats, one AVX-512
-// register) loads the 4 weight vectors once and 6 vectors of x (from L1/L2: x is small) for 24 FMAs. Every
-// chunk after the first reads the block's weights from L1; the next blocks' weights are prefetched. The 16
-// lanes of an accumulator are summed at the end. Sums run in another order than the BLAS's (which splits k
-// differently): results agree to rounding, not bit for bit. Without AVX-512 a plain loop runs: correct, not
-// fast (hfaccel uses the op only where it measured faster).
+// The N output columns are cut into blocks of 4 weight rows (AVX-512; 2 with AVX2), split over the threads.
+// For a block, rows of x go in chunks of 6: 24 accumulator registers (one per output; 12 with AVX2's 16
+// registers), and each step over k (16 floats, one AVX-512 register; 8 with AVX2) loads the block's weight
+// vectors once and 6 vectors of x (from L1/L2: x is small) for 24 FMAs. Every chunk after the first reads the
+// block's weights from L1; the next blocks' weights are prefetched. The lanes of an accumulator are summed at
+// the end. Sums run in another order than the BLAS's (which splits k differently): results agree to rounding,
+// not bit for bit. Without AVX2 + FMA a plain loop runs: correct, not fast (hfaccel uses the op only where it
+// measured faster).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define HFACCEL_GEMM_SIMD 1
 #include <immintrin.h>
 #endif
 
@@ -29,25 +31,65 @@
 
 namespace {
 
-constexpr int64_t kBlock = 4;    // weight rows per block
-constexpr int kChunk = 6;        // rows of x per pass over a block
+#if defined(__AVX512F__)
+struct Isa {
+  using F = __m512;
+  static constexpr int W = 16;
+  static constexpr int64_t kBlock = 4;   // weight rows per block
+  static constexpr int kChunk = 6;       // rows of x per pass over a block: 24 accumulators of 32 registers
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(HFACCEL_GEMM_SIMD)
+struct Isa {
+  using F = __m256;
+  static constexpr int W = 8;
+  // 16 ymm registers: 2 weight rows x 6 rows of x = 12 accumulators, 2 weight vectors, 1 of x
+  static constexpr int64_t kBlock = 2;
+  static constexpr int kChunk = 6;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load_first(const float* p, int64_t n) {   // p[0 .. n - 1], zeros after (n < 8)
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lane));
+  }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#else
+struct Isa {                             // the plain loop's blocks
+  static constexpr int64_t kBlock = 4;
+};
+#endif
+constexpr int64_t kBlock = Isa::kBlock;
 
-#ifdef __AVX512F__
+#ifdef HFACCEL_GEMM_SIMD
+using F = Isa::F;
+constexpr int W = Isa::W;
+constexpr int kChunk = Isa::kChunk;
 constexpr int64_t kAhead = 1;    // blocks prefetched ahead
 
 template <int MR, int NR>
 inline void block_kernel(const float* __restrict x, int64_t K, const float* __restrict w, float* __restrict y,
                          int64_t N, const float* __restrict bias, bool prefetch) {
-  __m512 acc[NR][MR];
+  F acc[NR][MR];
 #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j)
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) acc[j][m] = _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) acc[j][m] = Isa::zero();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wk[NR];
+  for (; k + W <= K; k += W) {
+    F wk[NR];
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) wk[j] = _mm512_loadu_ps(w + j * K + k);
+    for (int j = 0; j < NR; ++j) wk[j] = Isa::load(w + j * K + k);
     if (prefetch) {
 #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j)
@@ -55,23 +97,22 @@ inline void block_kernel(const float* __restrict x, int64_t K, const float* __re
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      const F xv = Isa::load(x + m * K + k);
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) acc[j][m] = _mm512_fmadd_ps(xv, wk[j], acc[j][m]);
+      for (int j = 0; j < NR; ++j) acc[j][m] = Isa::fma(xv, wk[j], acc[j][m]);
     }
   }
-  if (k < K) {                                  // the last K % 16 columns, masked
-    const __mmask16 mask = __mmask16((1u << (K - k)) - 1);
-    __m512 wk[NR];
-    for (int j = 0; j < NR; ++j) wk[j] = _mm512_maskz_loadu_ps(mask, w + j * K + k);
+  if (k < K) {                                  // the last K % W columns, masked
+    F wk[NR];
+    for (int j = 0; j < NR; ++j) wk[j] = Isa::load_first(w + j * K + k, K - k);
     for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int j = 0; j < NR; ++j) acc[j][m] = _mm512_fmadd_ps(xv, wk[j], acc[j][m]);
+      const F xv = Isa::load_first(x + m * K + k, K - k);
+      for (int j = 0; j < NR; ++j) acc[j][m] = Isa::fma(xv, wk[j], acc[j][m]);
     }
   }
   for (int j = 0; j < NR; ++j) {
     const float b = bias != nullptr ? bias[j] : 0.f;
-    for (int m = 0; m < MR; ++m) y[m * N + j] = _mm512_reduce_add_ps(acc[j][m]) + b;
+    for (int m = 0; m < MR; ++m) y[m * N + j] = Isa::sum(acc[j][m]) + b;
   }
 }
 
@@ -84,6 +125,7 @@ void block_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, 
     block_kernel<kChunk, NR>(x + m * K, K, w, y + m * N, N, bias, prefetch && m == 0);
   const float* xm = x + m * K;
   float* ym = y + m * N;
+  static_assert(kChunk == 6, "the remainders below are written for chunks of 6 rows");
   switch (M - m) {
     case 0: break;
     case 1: block_kernel<1, NR>(xm, K, w, ym, N, bias, prefetch && m == 0); break;
@@ -136,7 +178,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n = blk * kBlock, rows = std::min(kBlock, N - n);
       const float* bn = bp != nullptr ? bp + n : nullptr;
-#ifdef __AVX512F__
+#ifdef HFACCEL_GEMM_SIMD
       const bool prefetch = blk + kAhead < b1;   // stay inside this thread's weights
       if (rows == kBlock) {
         block_rows<kBlock>(xp, M, K, wp + n * K, yp + n, N, bn, prefetch);
@@ -153,7 +195,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
 }
 
 bool fast_path() {
-#ifdef __AVX512F__
+#ifdef HFACCEL_GEMM_SIMD
   return true;
 #else
   return false;

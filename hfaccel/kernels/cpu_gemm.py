@@ -1,9 +1,9 @@
 """hfaccel's few-row float32 GEMM for the CPU (cpu_gemm.cpp): y = x W^T + b for M <= 16 rows of x.
 
 Used by the small_gemm feature for batched decode and verify steps, where the BLAS's sgemm reads the weights
-at a fraction of the memory's rate (see the .cpp for the figures). The fast path needs AVX-512 (built with
--mavx512f when the CPU has it); elsewhere the op is a plain loop and the feature, which times both, keeps
-F.linear. Built once per torch version into the hfaccel cache; `status()` says why when it cannot be.
+at a fraction of the memory's rate (see the .cpp for the figures). The fast path needs AVX-512F (built with
+-mavx512f when the CPU has it) or AVX2 + FMA; elsewhere the op is a plain loop and the feature, which times
+both, keeps F.linear. Built once per torch version into the hfaccel cache; `status()` says why when it cannot be.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def status() -> tuple[bool, str]:
 
 
 def fast_path() -> bool:
-    """True when the loaded build has the AVX-512 kernel (False: the plain loop)."""
+    """True when the loaded build has the SIMD kernel, AVX-512F or AVX2 (False: the plain loop)."""
     return bool(status()[0] and torch.ops.hfaccel_cpu_gemm.fast_path())
 
 

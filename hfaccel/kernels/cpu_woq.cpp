@@ -1,4 +1,4 @@
-// Weight-only int8 / int4 matmul for x86 CPUs with AVX-512F, fp32 arithmetic.
+// Weight-only int8 / int4 matmul for x86 CPUs with AVX-512F or AVX2 + FMA, fp32 arithmetic.
 //
 // Why it exists: aten's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu are fast only with bf16
 // activations, and on a CPU without AVX-512 BF16 / AMX the bf16 conversions run in software, so the int
@@ -13,20 +13,90 @@
 //       w[n, k] = (code[n, k] - 8) * scale[g, n] + zero[g, n] with g = k / gs; K <= Kp = G * gs. The scale and
 //       zero are the bf16 pair aten's int4 kernels read, so one layer's buffers serve either kernel.
 //       Within each 32 columns, byte j of a row holds code[j] in its low nibble and code[16 + j] in its high
-//       one, so both nibbles of 16 bytes widen into two registers of 16 consecutive columns.
+//       one, so both nibbles of 16 bytes widen into registers of consecutive columns (two of 16 with AVX-512,
+//       four of 8 with AVX2).
 //
-// For M <= kSmallM the codes are widened once per tile of up to 4 rows of x. For larger M (prefill) a block
+// For M <= kSmallM the codes are widened once per tile of up to 4 rows of x (2 with AVX2). For larger M (prefill) a block
 // of rows is dequantized to fp32 and multiplied by the BLAS sgemm, whose blocking beats a GEMV loop there.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
 #include <cstdint>
-#include <vector>
+#include <type_traits>
 
 namespace {
+
+// One SIMD register of fp32 lanes, for the instruction set this file is compiled for (cpu_woq.py passes
+// -mavx512f where the CPU has it, else -mavx2 -mfma). Each step of the loops below reads 16 bytes of one
+// weight row (16 int8 codes, or 32 int4 codes) and widens them in V = 16 / W parts v of W lanes each.
+#if defined(__AVX512F__)
+struct Isa {
+  using F = __m512;
+  static constexpr int W = 16;
+  // register tiles (rows of x, rows of the weight): 32 zmm registers hold 4 x 4 accumulators and the weights
+  static constexpr int kMT = 4, kNR8 = 4, kNR4 = 4;
+  static constexpr int kSplit = 1;             // accumulators per (row of x, weight row) within an int4 group
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  // int8 codes p[16 v .. 16 v + 15] -> floats
+  static F i8(const int8_t* p, int v) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * v))));
+  }
+  // bytes p[16 v .. 16 v + 15] of int4 codes (32 columns) -> lo: the low nibbles (columns 0..15), hi: the
+  // high ones (16..31)
+  static void u4(const uint8_t* p, int v, F& lo, F& hi) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * v)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Isa {
+  using F = __m256;
+  static constexpr int W = 8;
+  // 16 ymm registers: 4 x 4 accumulators would spill, so fewer rows of x per tile (measured on a Zen 3 EPYC:
+  // see cpu_woq.py) and two accumulators per int4 group, low and high nibbles, to halve the FMA chains
+  static constexpr int kMT = 2, kNR8 = 4, kNR4 = 4;
+  static constexpr int kSplit = 1;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static float sum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // int8 codes p[8 v .. 8 v + 7] -> floats
+  static F i8(const int8_t* p, int v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * v))));
+  }
+  // bytes p[8 v .. 8 v + 7] of 16 bytes of int4 codes (32 columns) -> lo: columns 8 v .. 8 v + 7, hi: columns
+  // 16 + 8 v .. 16 + 8 v + 7
+  static void u4(const uint8_t* p, int v, F& lo, F& hi) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * v)));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(15)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+  }
+};
+#else
+#error "cpu_woq.cpp needs AVX-512F, or AVX2 and FMA"
+#endif
+using F = Isa::F;
+constexpr int W = Isa::W;
+constexpr int V = 16 / W;
 
 constexpr int64_t kSmallM = 16;
 constexpr int kPrefetchBlocks = 2;   // blocks of rows read ahead: the hardware prefetcher alone left these
@@ -39,23 +109,24 @@ template <int MT, int NR>
 inline void int8_block(const float* x, int64_t K, const int8_t* q, int64_t Kq, const float* s, float* y,
                        int64_t N, int64_t n) {
   const int64_t Kv = K - K % 16;
-  __m512 acc[MT][NR];
+  F acc[MT][NR];
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < NR; ++r) acc[m][r] = Isa::zero();
   for (int64_t k = 0; k < Kv; k += 16) {
-    __m512 w[NR];
     for (int r = 0; r < NR; ++r)
       _mm_prefetch((const char*)(q + (n + NR * kPrefetchBlocks + r) * Kq + k), _MM_HINT_T0);
-    for (int r = 0; r < NR; ++r)
-      w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + (n + r) * Kq + k))));
-    for (int m = 0; m < MT; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(w[r], xv, acc[m][r]);
+    for (int v = 0; v < V; ++v) {             // the 16 columns as V registers, one at a time (AVX2: 16 regs)
+      F w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = Isa::i8(q + (n + r) * Kq + k, v);
+      for (int m = 0; m < MT; ++m) {
+        const F xv = Isa::load(x + m * K + k + v * W);
+        for (int r = 0; r < NR; ++r) acc[m][r] = Isa::fma(w[r], xv, acc[m][r]);
+      }
     }
   }
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r) {
-      float t = _mm512_reduce_add_ps(acc[m][r]);
+      float t = Isa::sum(acc[m][r]);
       const int8_t* qr = q + (n + r) * Kq;
       for (int64_t k = Kv; k < K; ++k) t += (float)qr[k] * x[m * K + k];
       y[m * N + n + r] = t * s[n + r];
@@ -65,8 +136,9 @@ inline void int8_block(const float* x, int64_t K, const int8_t* q, int64_t Kq, c
 template <int MT>
 void int8_rows(const float* x, int64_t K, const int8_t* q, int64_t Kq, const float* s, float* y, int64_t N,
                int64_t n0, int64_t n1) {
+  constexpr int NR = MT == 1 ? 4 : Isa::kNR8;
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) int8_block<MT, 4>(x, K, q, Kq, s, y, N, n);
+  for (; n + NR <= n1; n += NR) int8_block<MT, NR>(x, K, q, Kq, s, y, N, n);
   for (; n < n1; ++n) int8_block<MT, 1>(x, K, q, Kq, s, y, N, n);
 }
 
@@ -79,72 +151,92 @@ inline float offset_of(const at::BFloat16* sz, int64_t N, int64_t g, int64_t n) 
 template <int MT, int NR, int GS>
 inline void int4_block(const float* x, const float* xs, int64_t Kp, const uint8_t* p, const at::BFloat16* sz,
                        int64_t G, float* y, int64_t N, int64_t n) {
+  constexpr int S = Isa::kSplit;
   const int64_t rs = Kp / 2;
-  __m512 acc[MT][NR];
+  F acc[MT][NR];
   float bias[MT][NR] = {};
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi32(15);
+    for (int r = 0; r < NR; ++r) acc[m][r] = Isa::zero();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 gacc[MT][NR];
+    F gacc[MT][NR][S];
     for (int m = 0; m < MT; ++m)
-      for (int r = 0; r < NR; ++r) gacc[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < NR; ++r)
+        for (int h = 0; h < S; ++h) gacc[m][r][h] = Isa::zero();
 #pragma GCC unroll 4
     for (int kk = 0; kk < GS; kk += 32) {
       const int64_t k = g * GS + kk;
-      __m512 lo[NR], hi[NR];
       for (int r = 0; r < NR; ++r)
         _mm_prefetch((const char*)(p + (n + NR * kPrefetchBlocks + r) * rs + k / 2), _MM_HINT_T0);
-      for (int r = 0; r < NR; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + (n + r) * rs + k / 2)));
-        lo[r] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-        hi[r] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      }
-      for (int m = 0; m < MT; ++m) {
-        const __m512 x0 = _mm512_loadu_ps(x + m * Kp + k), x1 = _mm512_loadu_ps(x + m * Kp + k + 16);
-        for (int r = 0; r < NR; ++r) {
-          gacc[m][r] = _mm512_fmadd_ps(lo[r], x0, gacc[m][r]);
-          gacc[m][r] = _mm512_fmadd_ps(hi[r], x1, gacc[m][r]);
+      for (int v = 0; v < V; ++v) {
+        F lo[NR], hi[NR];
+        for (int r = 0; r < NR; ++r) Isa::u4(p + (n + r) * rs + k / 2, v, lo[r], hi[r]);
+        for (int m = 0; m < MT; ++m) {
+          const F x0 = Isa::load(x + m * Kp + k + v * W), x1 = Isa::load(x + m * Kp + k + 16 + v * W);
+          for (int r = 0; r < NR; ++r) {
+            gacc[m][r][0] = Isa::fma(lo[r], x0, gacc[m][r][0]);
+            gacc[m][r][S - 1] = Isa::fma(hi[r], x1, gacc[m][r][S - 1]);
+          }
         }
       }
     }
     for (int r = 0; r < NR; ++r) {
-      const __m512 c = _mm512_set1_ps(scale_of(sz, N, g, n + r));
+      const F c = Isa::set1(scale_of(sz, N, g, n + r));
       const float o = offset_of(sz, N, g, n + r);
       for (int m = 0; m < MT; ++m) {
-        acc[m][r] = _mm512_fmadd_ps(gacc[m][r], c, acc[m][r]);
+        for (int h = 0; h < S; ++h) acc[m][r] = Isa::fma(gacc[m][r][h], c, acc[m][r]);
         bias[m][r] += o * xs[m * G + g];
       }
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) + bias[m][r];
+    for (int r = 0; r < NR; ++r) y[m * N + n + r] = Isa::sum(acc[m][r]) + bias[m][r];
 }
 
 template <int MT, int GS>
 void int4_rows(const float* x, const float* xs, int64_t Kp, const uint8_t* p, const at::BFloat16* sz, int64_t G,
                float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int NR = Isa::kNR4;
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) int4_block<MT, 4, GS>(x, xs, Kp, p, sz, G, y, N, n);
+  for (; n + NR <= n1; n += NR) int4_block<MT, NR, GS>(x, xs, Kp, p, sz, G, y, N, n);
   for (; n < n1; ++n) int4_block<MT, 1, GS>(x, xs, Kp, p, sz, G, y, N, n);
+}
+
+// Rows of x in tiles of Isa::kMT, then 2, then 1.
+template <typename Rows>
+void by_tiles(int64_t M, Rows rows) {
+  int64_t m = 0;
+  if constexpr (Isa::kMT >= 4)
+    for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= M; m += 2) rows(std::integral_constant<int, 2>{}, m);
+  for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
 }
 
 template <int GS>
 void int4_small(const float* x, const float* xs, int64_t M, int64_t Kp, const uint8_t* p, const at::BFloat16* sz,
                 int64_t G, float* y, int64_t N) {
   at::parallel_for(0, N, grain(Kp / 2, M), [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) int4_rows<4, GS>(x + m * Kp, xs + m * G, Kp, p, sz, G, y + m * N, N, n0, n1);
-    for (; m + 2 <= M; m += 2) int4_rows<2, GS>(x + m * Kp, xs + m * G, Kp, p, sz, G, y + m * N, N, n0, n1);
-    for (; m < M; ++m) int4_rows<1, GS>(x + m * Kp, xs + m * G, Kp, p, sz, G, y + m * N, N, n0, n1);
+    by_tiles(M, [&](auto mt, int64_t m) {
+      int4_rows<decltype(mt)::value, GS>(x + m * Kp, xs + m * G, Kp, p, sz, G, y + m * N, N, n0, n1);
+    });
   });
 }
 
-// [..., K] -> [M, K] fp32 contiguous, and the output shape [..., N].
-std::pair<at::Tensor, std::vector<int64_t>> as_rows(const at::Tensor& x, int64_t N) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return {x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous(), shape};
+// [..., K] -> [M, K] fp32 contiguous. At batch 1 the whole op takes a few microseconds, so the usual case
+// (x already [M, K] fp32 contiguous) makes no new tensor at all.
+at::Tensor as_rows(const at::Tensor& x) {
+  if (x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous()) return x;
+  return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+}
+
+// y [M, N] fp32 -> x's leading dimensions and dtype
+at::Tensor as_output(const at::Tensor& y, const at::Tensor& x) {
+  at::Tensor out = y;
+  if (x.dim() != 2) {
+    at::DimVector shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = y.size(1);
+    out = y.view(shape);
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 // Large M: y[:, rows] = x @ dequantize(rows).T, one block of rows (~4 MB of fp32) at a time.
@@ -189,7 +281,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == q.size(0),
               "int8_mm: scales must be float32 [", q.size(0), "]");
   check_x(x, q.size(1), "int8_mm");
-  const auto [xf, shape] = as_rows(x, q.size(0));
+  const at::Tensor xf = as_rows(x);
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0), Kq = q.size(1);
   const float* xp = xf.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -199,25 +291,23 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     y = blocked_sgemm(xf, N, K, [&](int64_t n, float* out) {
       const int8_t* qr = qp + n * Kq;
       const float s = sp[n];
-      const __m512 sv = _mm512_set1_ps(s);
+      const F sv = Isa::set1(s);
       int64_t k = 0;
-      for (; k + 16 <= K; k += 16)
-        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                    _mm_loadu_si128((const __m128i*)(qr + k)))), sv));
+      for (; k + 16 <= K; k += 16) {
+        for (int v = 0; v < V; ++v) Isa::store(out + k + v * W, Isa::mul(Isa::i8(qr + k, v), sv));
+      }
       for (; k < K; ++k) out[k] = (float)qr[k] * s;
     });
   } else {
     y = at::empty({M, N}, xf.options());
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, N, grain(K, M), [&](int64_t n0, int64_t n1) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) int8_rows<4>(xp + m * K, K, qp, Kq, sp, yp + m * N, N, n0, n1);
-      for (; m + 2 <= M; m += 2) int8_rows<2>(xp + m * K, K, qp, Kq, sp, yp + m * N, N, n0, n1);
-      for (; m < M; ++m) int8_rows<1>(xp + m * K, K, qp, Kq, sp, yp + m * N, N, n0, n1);
+      by_tiles(M, [&](auto mt, int64_t m) {
+        int8_rows<decltype(mt)::value>(xp + m * K, K, qp, Kq, sp, yp + m * N, N, n0, n1);
+      });
     });
   }
-  y = y.view(shape);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return as_output(y, x);
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
@@ -234,7 +324,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
               "int4_mm: scales_zeros must be contiguous bfloat16 [", G, ", ", N, ", 2], got ", sz_.scalar_type(), " ",
               sz_.sizes());
   check_x(x, Kp, "int4_mm");
-  auto [xf, shape] = as_rows(x, N);
+  at::Tensor xf = as_rows(x);
   if (xf.size(1) < Kp) xf = at::constant_pad_nd(xf, {0, Kp - xf.size(1)});
   const int64_t M = xf.size(0);
   const float* xp = xf.data_ptr<float>();
@@ -244,17 +334,19 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   if (M > kSmallM) {
     y = blocked_sgemm(xf, N, Kp, [&](int64_t n, float* out) {
       const uint8_t* pr = pp + n * (Kp / 2);
-      const __m512i low = _mm512_set1_epi32(15);
       for (int64_t k = 0; k < Kp; k += 32) {
-        const __m512 c = _mm512_set1_ps(scale_of(sz, N, k / group_size, n));
-        const __m512 o = _mm512_set1_ps(offset_of(sz, N, k / group_size, n));
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(pr + k / 2)));
-        _mm512_storeu_ps(out + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), c, o));
-        _mm512_storeu_ps(out + k + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), c, o));
+        const F c = Isa::set1(scale_of(sz, N, k / group_size, n));
+        const F o = Isa::set1(offset_of(sz, N, k / group_size, n));
+        for (int v = 0; v < V; ++v) {
+          F lo, hi;
+          Isa::u4(pr + k / 2, v, lo, hi);
+          Isa::store(out + k + v * W, Isa::fma(lo, c, o));
+          Isa::store(out + k + 16 + v * W, Isa::fma(hi, c, o));
+        }
       }
     });
   } else {
-    std::vector<float> xs(M * G);       // per-group sums of x: the offsets' share of each output
+    c10::SmallVector<float, 1024> xs(M * G);      // per-group sums of x: the offsets' share of each output
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < G; ++g) {
         float t = 0.f;
@@ -267,8 +359,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     else if (group_size == 64) int4_small<64>(xp, xs.data(), M, Kp, pp, sz, G, yp, N);
     else int4_small<128>(xp, xs.data(), M, Kp, pp, sz, G, yp, N);
   }
-  y = y.view(shape);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return as_output(y, x);
 }
 
 }  // namespace

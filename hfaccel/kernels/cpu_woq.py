@@ -1,18 +1,19 @@
 """hfaccel's own weight-only int8 / int4 CPU kernels (cpu_woq.cpp), for CPUs without native bf16.
 
 aten's packed int8/int4 kernels are fast only with bf16 activations. On a CPU with AVX-512 BF16 or AMX that is
-a hardware path, and the int layers keep it. On one without (an Ice Lake, measured), the bf16 conversions run
-in software and the int layers were only 1.3-1.9x (int8) and 1.7-4.5x (int4) an fp32 nn.Linear at batch 1; the
-kernels here widen the codes to fp32 in AVX-512 registers and keep the activations in fp32, which is faster
-there and rounds nothing but the weights.
+a hardware path, and the int layers keep it. On one without, the bf16 conversions run in software: at batch 1
+the int layers were only 1.3-1.9x (int8) and 1.7-4.5x (int4) an fp32 nn.Linear on an Ice Lake, and 1.2-3.4x
+(int8) and 0.9-3.7x (int4) on a Zen 3 EPYC with AVX2 only (both measured, cold). The kernels here widen the codes
+to fp32 in SIMD registers (AVX-512F where the CPU has it, else AVX2 + FMA) and keep the activations in fp32,
+which is faster there and rounds nothing but the weights.
 
 The C++ source is built once per torch version and instruction set with torch.utils.cpp_extension (a C++
 compiler and ninja, ~15 s) into the hfaccel cache, and registers `torch.ops.hfaccel_cpu.int8_mm` and
-`int4_mm`, which torch.compile graphs call like any other op. Without a compiler, without AVX-512F, or when
+`int4_mm`, which torch.compile graphs call like any other op. Without a compiler, without AVX2 + FMA, or when
 the build fails, the layers keep aten's kernels and `status()` says why.
 
-HFACCEL_CPU_QUANT_KERNEL chooses: `auto` (the default: these kernels where the CPU has AVX-512F and no
-native bf16), `native` (these kernels wherever they build), `aten` (never these kernels).
+HFACCEL_CPU_QUANT_KERNEL chooses: `auto` (the default: these kernels where the CPU has no native bf16),
+`native` (these kernels wherever they build), `aten` (never these kernels).
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_woq.cpp")
 ENV = "HFACCEL_CPU_QUANT_KERNEL"
 CHOICES = ("auto", "native", "aten")
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx2", "-mfma"]   # -fopenmp: at::parallel_for is OpenMP in a header;
-# not -march=native, so that a cache shared by two CPUs stays valid
-KERNEL = "avx512"                                    # what the layers report as their kernel
 
 
 def _cpu_flags() -> frozenset[str]:
     from ..device import cpu_flags
 
     return cpu_flags()
+
+
+# what the layers report as their kernel: the instruction set the source is compiled for on this CPU
+KERNEL = "avx512" if "avx512f" in _cpu_flags() else "avx2"
 
 
 def _native_bf16() -> bool:
@@ -53,11 +55,11 @@ def requested() -> str:
 @functools.cache
 def _build() -> tuple[bool, str]:
     """Build (or load the cached build of) the extension once per process: (loaded, how / why not)."""
-    if "avx512f" not in _cpu_flags():
-        return False, "this CPU has no AVX-512F"
-    from .cpp_build import build_extension
+    if not {"avx2", "fma"} <= _cpu_flags():
+        return False, "this CPU has neither AVX-512F nor AVX2 + FMA"
+    from .cpp_build import build_extension, portable_flags
 
-    ok, why = build_extension("hfaccel_cpu_woq", SOURCE, FLAGS)
+    ok, why = build_extension("hfaccel_cpu_woq", SOURCE, portable_flags(avx512=True))
     if ok:
         _register_fakes()
     return ok, why
