@@ -137,8 +137,8 @@ def main() -> None:
         try:
             lc = LlamaCpp(args.threads)
             built.append(("llama.cpp Q4_1 (same GGUF)", lambda: (*lc.time(ids, args.new_tokens, args.runs), None), 0.0))
-        except ImportError:
-            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python)")
+        except ImportError as e:      # not installed, or installed without a dependency (diskcache, seen)
+            print(f"llama.cpp: llama-cpp-python cannot be imported ({e}; pip install llama-cpp-python)")
 
     results: dict[str, list] = {name: [] for name, _, _ in built}
     for r in range(args.rounds):

@@ -264,6 +264,11 @@ def _check_llama_cpp(settings: BenchSettings) -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise MissingDependencyError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
                                      "(it compiles llama.cpp, ~20 minutes on 2 cores)")
+    try:                            # before any system runs: installed with --no-deps, it lacked diskcache (seen)
+        importlib.import_module("llama_cpp")
+    except ImportError as e:
+        raise MissingDependencyError(f"--compare llama.cpp: llama-cpp-python is installed but cannot be imported "
+                                     f"({e}); install what it names") from e
 
 
 def _bench_llama_cpp(settings: BenchSettings, prompts: torch.Tensor, hf_greedy: list[int], tick) -> dict[str, Any]:

@@ -126,3 +126,18 @@ def test_llama_cpp_compare_needs_the_default_model(capsys, monkeypatch):
                "--compare", "llama.cpp", "--quiet"])
     assert rc == 2
     assert "--compare llama.cpp needs the GGUF file of the model" in capsys.readouterr().err
+
+
+def test_llama_cpp_that_cannot_be_imported_is_named_before_anything_runs(monkeypatch):
+    """llama-cpp-python installed with --no-deps imports diskcache and fails (seen): the check must say so up
+    front, not after the Transformers and hfaccel runs."""
+    import importlib.util
+    import sys
+
+    from hfaccel.bench.runner import BenchSettings, _check_llama_cpp
+    from hfaccel.errors import MissingDependencyError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "llama_cpp" else None)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)          # `import llama_cpp` raises ImportError
+    with pytest.raises(MissingDependencyError, match="llama-cpp-python is installed but cannot be imported"):
+        _check_llama_cpp(BenchSettings())
