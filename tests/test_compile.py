@@ -9,7 +9,7 @@ import torch
 import hfaccel
 from hfaccel import models
 from hfaccel.compile import BUCKET, step_attention, verify_attention, why_not
-from tests.conftest import StreamRecorder, greedy, needs_default_model, prompts
+from tests.conftest import StreamRecorder, assert_compiled_greedy_equal, greedy, needs_default_model, prompts
 
 
 def left_padded(vocab: int, lengths=(9, 14), seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +168,14 @@ def test_eager_inner_attention_and_int8_kv_skip():
     assert "kv_cache.dtype int8" in skip["compile"]
 
 
-def test_step_attention_matches_sdpa_with_padding_gqa_and_window():
+@pytest.mark.parametrize("cpp", [False, True], ids=["torch", "cpp"])
+def test_step_attention_matches_sdpa_with_padding_gqa_and_window(cpp, monkeypatch):
+    from hfaccel import compile as hc
+    from hfaccel.kernels import cpu_attention
+
+    if cpp and not cpu_attention.status()[0]:
+        pytest.skip(f"hfaccel's C++ attention does not build here: {cpu_attention.status()[1]}")
+    monkeypatch.setattr(hc, "_cpp_step_attention", cpp)
     torch.manual_seed(0)
     b, hq, hkv, d, t, col = 3, 6, 2, 16, 32, 20
     keys = [torch.randn(b, hkv, t, d)]
@@ -190,6 +197,24 @@ def test_step_attention_matches_sdpa_with_padding_gqa_and_window():
             q, kb[0].repeat_interleave(hq // hkv, 1), vb[0].repeat_interleave(hq // hkv, 1),
             attn_mask=allowed[:, None, None, :])
         torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_step_attention_choice_is_reported_and_inductor_can_be_asked_for(monkeypatch):
+    """fp32 on the CPU: hfaccel's C++ buffer attention where it builds, named in the report; with
+    HFACCEL_STEP_ATTENTION=inductor the Inductor-fused loops, token-exact too."""
+    from hfaccel import compile as hc
+    from hfaccel.kernels import cpu_attention
+
+    monkeypatch.setattr(hc, "_cpp_step_attention", hc._cpp_step_attention)      # restored after the test
+    model, ref, report = compiled("llama")
+    label = next(c.after for c in report.changes if c.feature == "compile" and c.target == "generate")
+    assert ("hfaccel's C++ step attention for fp32" in label) == cpu_attention.status()[0]
+    monkeypatch.setenv(hc.STEP_ATTENTION_ENV, "inductor")
+    model, ref, report = compiled("llama")
+    assert not hc._cpp_step_attention
+    label = next(c.after for c in report.changes if c.feature == "compile" and c.target == "generate")
+    assert "C++ step attention" not in label
+    assert_compiled_greedy_equal(model, ref)
 
 
 def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window():

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -172,48 +173,15 @@ TaskFn task_for(int64_t G, int64_t D) {
 }
 #endif
 
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg_start,
-                        const at::Tensor& seg_len, const at::Tensor& row_ptr, double scale) {
-  TORCH_CHECK(q.dim() == 3, "paged_decode: q must be [B, Hq, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes(), "paged_decode: k and v must be the same [Hkv, S, D], got ",
-              k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "paged_decode: q, k and v must be float32");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0), S = k.size(1);
-  TORCH_CHECK(k.size(2) == D, "paged_decode: head_dim of k (", k.size(2), ") != head_dim of q (", D, ")");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "paged_decode: Hq (", Hq, ") is not a multiple of Hkv (", Hkv, ")");
-  TORCH_CHECK(row_ptr.numel() == B + 1, "paged_decode: row_ptr needs B + 1 = ", B + 1, " entries, got ",
-              row_ptr.numel());
-  TORCH_CHECK(seg_start.numel() == seg_len.numel(), "paged_decode: seg_start and seg_len differ in length");
-  for (const auto* t : {&seg_start, &seg_len, &row_ptr})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "paged_decode: index tensors must be "
-                "contiguous int64");
-  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const int64_t* st = seg_start.data_ptr<int64_t>();
-  const int64_t* ln = seg_len.data_ptr<int64_t>();
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[B] == seg_start.numel(), "paged_decode: row_ptr must run from 0 to nseg");
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(rp[b] <= rp[b + 1], "paged_decode: row_ptr must not decrease");
-    int64_t total = 0;
-    for (int64_t i = rp[b]; i < rp[b + 1]; ++i) {
-      TORCH_CHECK(ln[i] >= 0 && st[i] >= 0 && st[i] + ln[i] <= S, "paged_decode: segment ", i, " (", st[i], ", ",
-                  ln[i], ") is outside the pool's ", S, " slots");
-      total += ln[i];
-    }
-    TORCH_CHECK(total > 0, "paged_decode: row ", b, " has no keys");
-  }
-  auto out = at::empty({B, Hq, D}, q.options());
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// The (row, KV head) tasks of one layer, split over the threads. Row b's keys are its segments
+// st[rp[b]] .. (ln, in slots of its KV heads' blocks kv_base(b, h)); out [B, Hq, D].
+template <typename KvBase>
+void attend(const float* qp, float* op, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float sc, const int64_t* st,
+            const int64_t* ln, const int64_t* rp, KvBase kv_base) {
   const int64_t G = Hq / Hkv;
-  const float sc = static_cast<float>(scale);
 #ifdef __AVX2__
   const TaskFn fast = task_for(G, D);
 #endif
-
   // one task per (row, KV head); a grain of 1: tasks are a few hundred keys each, already coarse
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -224,8 +192,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tens
       for (int64_t i = rp[b]; i < rp[b + 1]; ++i) L += ln[i];
       scores.resize(static_cast<size_t>(G * L));
       const float* qh = qp + (b * Hq + h * G) * D;            // the G query heads of this KV head
-      const float* kh = kp + h * S * D;
-      const float* vh = vp + h * S * D;
+      const auto [kh, vh] = kv_base(b, h);
       float* oh = op + (b * Hq + h * G) * D;
 #ifdef __AVX2__
       if (fast != nullptr) {
@@ -259,6 +226,88 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tens
         for (int64_t d = 0; d < D; ++d) oh[g * D + d] = acc[g * D + d] * inv[g];
     }
   });
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kdim, const char* what) {
+  TORCH_CHECK(q.dim() == 3, what, ": q must be [B, Hq, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == kdim && k.sizes() == v.sizes(), what, ": k and v must be the same ",
+              kdim == 3 ? "[Hkv, S, D]" : "[B, Hkv, T, D]", ", got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              what, ": q, k and v must be float32");
+  TORCH_CHECK(k.size(-1) == q.size(2), what, ": head_dim of k (", k.size(-1), ") != head_dim of q (", q.size(2), ")");
+  const int64_t Hkv = k.size(-3);
+  TORCH_CHECK(Hkv > 0 && q.size(1) % Hkv == 0, what, ": Hq (", q.size(1), ") is not a multiple of Hkv (", Hkv, ")");
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg_start,
+                        const at::Tensor& seg_len, const at::Tensor& row_ptr, double scale) {
+  check_qkv(q, k, v, 3, "paged_decode");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0), S = k.size(1);
+  TORCH_CHECK(row_ptr.numel() == B + 1, "paged_decode: row_ptr needs B + 1 = ", B + 1, " entries, got ",
+              row_ptr.numel());
+  TORCH_CHECK(seg_start.numel() == seg_len.numel(), "paged_decode: seg_start and seg_len differ in length");
+  for (const auto* t : {&seg_start, &seg_len, &row_ptr})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "paged_decode: index tensors must be "
+                "contiguous int64");
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const int64_t* st = seg_start.data_ptr<int64_t>();
+  const int64_t* ln = seg_len.data_ptr<int64_t>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[B] == seg_start.numel(), "paged_decode: row_ptr must run from 0 to nseg");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(rp[b] <= rp[b + 1], "paged_decode: row_ptr must not decrease");
+    int64_t total = 0;
+    for (int64_t i = rp[b]; i < rp[b + 1]; ++i) {
+      TORCH_CHECK(ln[i] >= 0 && st[i] >= 0 && st[i] + ln[i] <= S, "paged_decode: segment ", i, " (", st[i], ", ",
+                  ln[i], ") is outside the pool's ", S, " slots");
+      total += ln[i];
+    }
+    TORCH_CHECK(total > 0, "paged_decode: row ", b, " has no keys");
+  }
+  auto out = at::empty({B, Hq, D}, q.options());
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  attend(qc.data_ptr<float>(), out.data_ptr<float>(), B, Hq, Hkv, D, static_cast<float>(scale), st, ln, rp,
+         [&](int64_t, int64_t h) { return std::make_pair(kp + h * S * D, vp + h * S * D); });
+  return out;
+}
+
+// The compiled decode step's attention: one query token per row over the row's own [Hkv, T, D] block of a
+// decode buffer, the columns where valid[b] is true (padding, columns not written yet, a sliding window or a
+// speculative step's rejected columns are false). The valid columns are read as runs, as paged_decode reads
+// a row's slots, so no score is computed for a masked column.
+at::Tensor buffer_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
+                         double scale) {
+  check_qkv(q, k, v, 4, "buffer_decode");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B, "buffer_decode: k has ", k.size(0), " rows, q ", B);
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.dim() == 2 && valid.size(0) == B && valid.size(1) == T,
+              "buffer_decode: valid must be bool [", B, ", ", T, "], got ", valid.scalar_type(), " ", valid.sizes());
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  auto vm = valid.contiguous();
+  const bool* ok = vm.data_ptr<bool>();
+  std::vector<int64_t> st, ln, rp(1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* row = ok + b * T;
+    for (int64_t t = 0; t < T;) {
+      if (!row[t]) { ++t; continue; }
+      int64_t e = t;
+      while (e < T && row[e]) ++e;
+      st.push_back(t);
+      ln.push_back(e - t);
+      t = e;
+    }
+    TORCH_CHECK(static_cast<int64_t>(st.size()) > rp.back(), "buffer_decode: row ", b, " has no valid column");
+    rp.push_back(static_cast<int64_t>(st.size()));
+  }
+  auto out = at::empty({B, Hq, D}, q.options());
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  attend(qc.data_ptr<float>(), out.data_ptr<float>(), B, Hq, Hkv, D, static_cast<float>(scale), st.data(),
+         ln.data(), rp.data(), [&](int64_t b, int64_t h) {
+           const int64_t off = (b * Hkv + h) * T * D;
+           return std::make_pair(kp + off, vp + off);
+         });
   return out;
 }
 
@@ -267,6 +316,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tens
 TORCH_LIBRARY(hfaccel_cpu_attn, m) {
   m.def("paged_decode(Tensor q, Tensor k, Tensor v, Tensor seg_start, Tensor seg_len, Tensor row_ptr, float scale) "
         "-> Tensor");
+  m.def("buffer_decode(Tensor q, Tensor k, Tensor v, Tensor valid, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hfaccel_cpu_attn, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(hfaccel_cpu_attn, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("buffer_decode", &buffer_decode);
+}

@@ -1,4 +1,5 @@
-"""hfaccel's CPU decode attention over paged rows (cpu_attention.cpp), for the continuous-batching engine.
+"""hfaccel's CPU decode attention over paged rows (cpu_attention.cpp), for the continuous-batching engine, and
+over a compiled decode step's buffer (`buffer_decode`).
 
 `paged_decode(q, k, v, seg_start, seg_len, row_ptr, scale)` attends one query token per row over that row's
 runs of slots in a layer of the KV pool, all rows and KV heads in one call (see the .cpp for the contract).
@@ -23,7 +24,8 @@ def status() -> tuple[bool, str]:
     from .cpp_build import build_ops, portable_flags
 
     return build_ops("hfaccel_cpu_attention", SOURCE, portable_flags(), {
-        "hfaccel_cpu_attn::paged_decode": lambda q, k, v, seg_start, seg_len, row_ptr, scale: q.new_empty(q.shape)})
+        "hfaccel_cpu_attn::paged_decode": lambda q, k, v, seg_start, seg_len, row_ptr, scale: q.new_empty(q.shape),
+        "hfaccel_cpu_attn::buffer_decode": lambda q, k, v, valid, scale: q.new_empty(q.shape)})
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor,
@@ -31,6 +33,12 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: t
     """q [B, Hq, D], k / v [Hkv, S, D] (one layer of the pool), row b over the runs row_ptr[b]:row_ptr[b+1]
     of (seg_start, seg_len) -> [B, Hq, D]. float32 only."""
     return torch.ops.hfaccel_cpu_attn.paged_decode(q, k, v, seg_start, seg_len, row_ptr, scale)
+
+
+def buffer_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D], k / v [B, Hkv, T, D] (a compiled decode step's buffer of one layer), valid [B, T] bool ->
+    [B, Hq, D]: each row over its valid columns only. float32 only."""
+    return torch.ops.hfaccel_cpu_attn.buffer_decode(q, k, v, valid, scale)
 
 
 def segments_tensors(segments: list[list[tuple[int, int]]], device) -> tuple[torch.Tensor, ...]:
@@ -45,4 +53,4 @@ def segments_tensors(segments: list[list[tuple[int, int]]], device) -> tuple[tor
     return mk(starts), mk(lens), mk(ptr)
 
 
-__all__ = ["paged_decode", "segments_tensors", "status"]
+__all__ = ["buffer_decode", "paged_decode", "segments_tensors", "status"]

@@ -86,3 +86,40 @@ def test_row_kernel_choice():
             attention.set_row_kernel("triton")
     finally:
         attention.set_row_kernel("auto")
+
+
+# ------------------------------------------------------------------ buffer_decode: the compiled step's attention
+
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 8, 16), (4, 1, 12), (18, 2, 40)])
+def test_buffer_decode_reads_only_the_valid_columns(hq, hkv, d):
+    """Left padding, columns not written yet and a speculative step's rejected holes: each row equals its valid
+    columns gathered alone (the float64 reference above); what sits in masked columns never matters."""
+    torch.manual_seed(hq + d)
+    b, t = 3, 40
+    q, k, v = torch.randn(b, hq, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    valid = torch.zeros(b, t, dtype=torch.bool)
+    valid[0, :25] = True                     # a row written up to column 24
+    valid[1, 7:31] = True                    # left padding of 7
+    valid[2, 2:30] = True
+    valid[2, [5, 6, 17]] = False             # holes
+    got = cpu_attention.buffer_decode(q, k, v, valid, 0.3)
+    want = torch.stack([reference(q[i:i + 1], k[i], v[i], [[(int(j), 1) for j in valid[i].nonzero()]], 0.3)[0]
+                        for i in range(b)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    k2, v2 = k.clone(), v.clone()
+    k2[~valid[:, None, :, None].expand_as(k2)] = float("nan")
+    v2[~valid[:, None, :, None].expand_as(v2)] = float("nan")
+    assert torch.equal(cpu_attention.buffer_decode(q, k2, v2, valid, 0.3), got)
+
+
+def test_buffer_decode_bad_arguments_name_what_is_wrong():
+    q, k = torch.randn(2, 4, 8), torch.randn(2, 2, 5, 8)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"valid must be bool \[2, 5\]"):
+        cpu_attention.buffer_decode(q, k, k, valid.float(), 1.0)
+    with pytest.raises(RuntimeError, match="row 1 has no valid column"):
+        cpu_attention.buffer_decode(q, k, k, torch.tensor([[True] * 5, [False] * 5]), 1.0)
+    with pytest.raises(RuntimeError, match=r"k and v must be the same \[B, Hkv, T, D\]"):
+        cpu_attention.buffer_decode(q, k, k[:, :, :4], valid, 1.0)
+    with pytest.raises(RuntimeError, match="k has 1 rows, q 2"):
+        cpu_attention.buffer_decode(q, k[:1], k[:1], valid, 1.0)
