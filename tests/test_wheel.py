@@ -29,6 +29,9 @@ def test_wheel_contains_presets_and_patches(wheel):
         assert f"hfaccel/configs/{preset}.yaml" in names
     for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"):
         assert f"hfaccel/patches/{family}.yaml" in names
+    for src in (ROOT / "hfaccel" / "kernels").glob("*.[ch]*"):        # the C++ kernels build from the wheel
+        if src.suffix in (".cpp", ".h"):
+            assert f"hfaccel/kernels/{src.name}" in names, f"{src.name} is missing from pyproject's package-data"
     assert not any(n.startswith(("patches/", "configs/", "tests/")) for n in names)   # no global packages
     for init in (ROOT / "hfaccel").rglob("__init__.py"):            # every subpackage of the source tree ships
         assert init.relative_to(ROOT).as_posix() in names, f"{init.parent.name} is missing from pyproject's packages"

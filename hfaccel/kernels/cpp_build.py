@@ -6,6 +6,7 @@ when the source or the flags change. Loading registers the source's TORCH_LIBRAR
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -56,6 +57,10 @@ def build_extension(name: str, source: Path, flags: list[str]) -> tuple[bool, st
     tag += f"-{isa}"
     build_dir = cache_root() / "kernels" / f"{source.stem}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    # torch's JIT versioner hashes the sources and flags, not the headers they include: the headers' hash goes
+    # into the flags, so an edited simd.h rebuilds its kernels instead of loading a stale build
+    headers = hashlib.sha1(b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))).hexdigest()[:12]
+    flags = [*flags, f"-DHFACCEL_HEADERS={headers}"]
     start = time.perf_counter()
     try:
         cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, build_directory=str(build_dir),

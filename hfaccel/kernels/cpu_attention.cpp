@@ -17,9 +17,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 #include <cmath>
 #include <cstdint>
@@ -51,12 +50,7 @@ inline __m256 exp256(__m256 x) {
   return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(n)));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using hfaccel_simd::hsum;
 #endif
 
 // scores[0:L] = exp(scores - max) in place; returns their sum

@@ -21,10 +21,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#define HFACCEL_GEMM_SIMD 1
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -32,37 +30,15 @@
 namespace {
 
 #if defined(__AVX512F__)
-struct Isa {
-  using F = __m512;
-  static constexpr int W = 16;
+struct Isa : hfaccel_simd::F32 {
   static constexpr int64_t kBlock = 4;   // weight rows per block
   static constexpr int kChunk = 6;       // rows of x per pass over a block: 24 accumulators of 32 registers
-  static F zero() { return _mm512_setzero_ps(); }
-  static F load(const float* p) { return _mm512_loadu_ps(p); }
-  static F load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
-  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(F v) { return _mm512_reduce_add_ps(v); }
 };
-#elif defined(HFACCEL_GEMM_SIMD)
-struct Isa {
-  using F = __m256;
-  static constexpr int W = 8;
+#elif defined(HFACCEL_SIMD_F32)
+struct Isa : hfaccel_simd::F32 {
   // 16 ymm registers: 2 weight rows x 6 rows of x = 12 accumulators, 2 weight vectors, 1 of x
   static constexpr int64_t kBlock = 2;
   static constexpr int kChunk = 6;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static F load_first(const float* p, int64_t n) {   // p[0 .. n - 1], zeros after (n < 8)
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lane));
-  }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(F v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
 };
 #else
 struct Isa {                             // the plain loop's blocks
@@ -71,7 +47,7 @@ struct Isa {                             // the plain loop's blocks
 #endif
 constexpr int64_t kBlock = Isa::kBlock;
 
-#ifdef HFACCEL_GEMM_SIMD
+#ifdef HFACCEL_SIMD_F32
 using F = Isa::F;
 constexpr int W = Isa::W;
 constexpr int kChunk = Isa::kChunk;
@@ -178,7 +154,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n = blk * kBlock, rows = std::min(kBlock, N - n);
       const float* bn = bp != nullptr ? bp + n : nullptr;
-#ifdef HFACCEL_GEMM_SIMD
+#ifdef HFACCEL_SIMD_F32
       const bool prefetch = blk + kAhead < b1;   // stay inside this thread's weights
       if (rows == kBlock) {
         block_rows<kBlock>(xp, M, K, wp + n * K, yp + n, N, bn, prefetch);
@@ -195,7 +171,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
 }
 
 bool fast_path() {
-#ifdef HFACCEL_GEMM_SIMD
+#ifdef HFACCEL_SIMD_F32
   return true;
 #else
   return false;

@@ -23,7 +23,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
-#include <immintrin.h>
+
+#include "simd.h"
 
 #include <cstdint>
 #include <type_traits>
@@ -33,20 +34,12 @@ namespace {
 // One SIMD register of fp32 lanes, for the instruction set this file is compiled for (cpu_woq.py passes
 // -mavx512f where the CPU has it, else -mavx2 -mfma). Each step of the loops below reads 16 bytes of one
 // weight row (16 int8 codes, or 32 int4 codes) and widens them in V = 16 / W parts v of W lanes each.
-#if defined(__AVX512F__)
-struct Isa {
-  using F = __m512;
-  static constexpr int W = 16;
+#if !defined(HFACCEL_SIMD_F32)
+#error "cpu_woq.cpp needs AVX-512F, or AVX2 and FMA"
+#elif defined(__AVX512F__)
+struct Isa : hfaccel_simd::F32 {
   // register tiles (rows of x, rows of the weight): 32 zmm registers hold 4 x 4 accumulators and the weights
   static constexpr int kMT = 4, kNR8 = 4, kNR4 = 4;
-  static constexpr int kSplit = 1;             // accumulators per (row of x, weight row) within an int4 group
-  static F zero() { return _mm512_setzero_ps(); }
-  static F set1(float v) { return _mm512_set1_ps(v); }
-  static F load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static float sum(F v) { return _mm512_reduce_add_ps(v); }
   // int8 codes p[16 v .. 16 v + 15] -> floats
   static F i8(const int8_t* p, int v) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * v))));
@@ -59,26 +52,11 @@ struct Isa {
     hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
   }
 };
-#elif defined(__AVX2__) && defined(__FMA__)
-struct Isa {
-  using F = __m256;
-  static constexpr int W = 8;
-  // 16 ymm registers: 4 x 4 accumulators would spill, so fewer rows of x per tile (measured on a Zen 3 EPYC:
-  // see cpu_woq.py) and two accumulators per int4 group, low and high nibbles, to halve the FMA chains
+#else
+struct Isa : hfaccel_simd::F32 {
+  // 16 ymm registers: 4 x 4 accumulators would spill, so 2 rows of x per tile (measured on a Zen 3 EPYC, see
+  // cpu_woq.py; the weight rows stay at 4: int4 576x49152 974 us against 1101 us with 2)
   static constexpr int kMT = 2, kNR8 = 4, kNR4 = 4;
-  static constexpr int kSplit = 1;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F set1(float v) { return _mm256_set1_ps(v); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static float sum(F v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
   // int8 codes p[8 v .. 8 v + 7] -> floats
   static F i8(const int8_t* p, int v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * v))));
@@ -91,8 +69,6 @@ struct Isa {
     hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
   }
 };
-#else
-#error "cpu_woq.cpp needs AVX-512F, or AVX2 and FMA"
 #endif
 using F = Isa::F;
 constexpr int W = Isa::W;
@@ -151,17 +127,15 @@ inline float offset_of(const at::BFloat16* sz, int64_t N, int64_t g, int64_t n) 
 template <int MT, int NR, int GS>
 inline void int4_block(const float* x, const float* xs, int64_t Kp, const uint8_t* p, const at::BFloat16* sz,
                        int64_t G, float* y, int64_t N, int64_t n) {
-  constexpr int S = Isa::kSplit;
   const int64_t rs = Kp / 2;
   F acc[MT][NR];
   float bias[MT][NR] = {};
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = Isa::zero();
   for (int64_t g = 0; g < G; ++g) {
-    F gacc[MT][NR][S];
+    F gacc[MT][NR];
     for (int m = 0; m < MT; ++m)
-      for (int r = 0; r < NR; ++r)
-        for (int h = 0; h < S; ++h) gacc[m][r][h] = Isa::zero();
+      for (int r = 0; r < NR; ++r) gacc[m][r] = Isa::zero();
 #pragma GCC unroll 4
     for (int kk = 0; kk < GS; kk += 32) {
       const int64_t k = g * GS + kk;
@@ -173,8 +147,8 @@ inline void int4_block(const float* x, const float* xs, int64_t Kp, const uint8_
         for (int m = 0; m < MT; ++m) {
           const F x0 = Isa::load(x + m * Kp + k + v * W), x1 = Isa::load(x + m * Kp + k + 16 + v * W);
           for (int r = 0; r < NR; ++r) {
-            gacc[m][r][0] = Isa::fma(lo[r], x0, gacc[m][r][0]);
-            gacc[m][r][S - 1] = Isa::fma(hi[r], x1, gacc[m][r][S - 1]);
+            gacc[m][r] = Isa::fma(lo[r], x0, gacc[m][r]);
+            gacc[m][r] = Isa::fma(hi[r], x1, gacc[m][r]);
           }
         }
       }
@@ -183,7 +157,7 @@ inline void int4_block(const float* x, const float* xs, int64_t Kp, const uint8_
       const F c = Isa::set1(scale_of(sz, N, g, n + r));
       const float o = offset_of(sz, N, g, n + r);
       for (int m = 0; m < MT; ++m) {
-        for (int h = 0; h < S; ++h) acc[m][r] = Isa::fma(gacc[m][r][h], c, acc[m][r]);
+        acc[m][r] = Isa::fma(gacc[m][r], c, acc[m][r]);
         bias[m][r] += o * xs[m * G + g];
       }
     }
