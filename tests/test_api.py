@@ -38,12 +38,14 @@ def assert_same(a, b):
 
 
 def test_report_lists_changes_skips_and_unavailable_features():
+    from hfaccel.kernels import cpu_attention
+
     model = models.tiny("llama")
     model.set_attn_implementation("eager")
     report = hfaccel.accelerate_model(model, "cpu-fast", kv_cache={"max_cache_tokens": 4096},
                                       compile={"warmup": False, "certified_head": False},        # timed: varies
                                       fusion={"weight_layout": False, "packed_weights": False,   # timed: varies
-                                              "qkv": True, "gate_up": True})
+                                              "small_gemm": False, "qkv": True, "gate_up": True})
     assert [(c.feature, c.target, c.before, c.after) for c in report.changes] == [
         ("fuse", "2 x q_proj+k_proj+v_proj (Linear)", "3 GEMMs", "1 GEMM [128, 64]"),
         ("fuse", "2 x gate_proj+up_proj (Linear)", "2 GEMMs", "1 GEMM [256, 64], then act(gate) * up"),
@@ -55,7 +57,9 @@ def test_report_lists_changes_skips_and_unavailable_features():
         ("compile", "config._attn_implementation", "hfaccel_paged", "hfaccel_step+hfaccel_paged"),
         ("compile", "hfaccel_compile_stats", "-", "compiled calls, fallbacks, compilations, warm-up"),
         ("compile", "generate", "generate() on a PagedCache (paged attention)",
-         "greedy decode through a compiled step (torch.compile mode=default, compiled at first call)")]
+         "greedy decode through a compiled step (torch.compile mode=default, "
+         + ("hfaccel's C++ step attention for fp32, " if cpu_attention.status()[0] else "")
+         + "compiled at first call)")]
     assert report.lossless and report.reversible and not report.noop
     unavailable = {s.feature for s in report.skipped if s.status == UNAVAILABLE}
     assert unavailable == {"fuse_rope"}
