@@ -18,10 +18,10 @@ torch.manual_seed(0)
 model, tok = hfaccel.models.load_default()
 ids = tok(calibration_text()[:20000], return_tensors="pt").input_ids[0]
 seq = 32 if SMOKE else 128
-rows = [ids[i:i + seq] for i in range(0, len(ids) - seq, seq)][: 16 if SMOKE else 256]
+rows = [ids[i:i + seq] for i in range(0, len(ids) - seq, seq)][: 8 if SMOKE else 256]
 data = [{"input_ids": r, "labels": r} for r in rows]
 
-args = TrainingArguments(output_dir="/tmp/hfaccel-trainer-example", max_steps=4 if SMOKE else 60,
+args = TrainingArguments(output_dir="/tmp/hfaccel-trainer-example", max_steps=2 if SMOKE else 60,
                          per_device_train_batch_size=2, learning_rate=1e-5, eval_strategy="steps",
                          eval_steps=2 if SMOKE else 20, logging_steps=2 if SMOKE else 10, report_to=[],
                          use_cpu=not torch.cuda.is_available(), save_strategy="no")

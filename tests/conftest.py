@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 
 import pytest
 import torch
 
 from hfaccel import models
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (the README's `-n 2`) the workers share the cores: each takes its share of torch's
+    # threads, and so do the scripts it starts (examples, `hfaccel run`), instead of every process spinning
+    # OpenMP threads on every core. Most of the default run is torch.compile's tracing, one core per process,
+    # which is why two workers on 2 cores nearly halve it.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@ import torch
 import hfaccel
 from hfaccel import models
 from hfaccel.compile import BUCKET, step_attention, verify_attention, why_not
-from tests.conftest import StreamRecorder, assert_compiled_greedy_equal, greedy, needs_default_model, prompts
+from tests.conftest import StreamRecorder, assert_compiled_greedy_equal, greedy, prompts
 
 
 def left_padded(vocab: int, lengths=(9, 14), seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,25 +241,6 @@ def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window():
         ref = torch.nn.functional.scaled_dot_product_attention(
             q, kb[0].repeat_interleave(hq // hkv, 1), vb[0].repeat_interleave(hq // hkv, 1), attn_mask=mask[:, None])
         torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-@needs_default_model
-def test_default_model_cpu_fast_is_token_exact(default_model):
-    import copy
-
-    model, tok = default_model
-    fast = copy.deepcopy(model)
-    report = hfaccel.accelerate_model(fast, "cpu-fast")
-    assert report.lossless
-    tok = copy.copy(tok)
-    tok.padding_side = "left"
-    enc = tok(["The capital of France is", "def fibonacci(n):\n    "], return_tensors="pt", padding=True)
-    for ids, mask in ((enc.input_ids[:1], enc.attention_mask[:1]), (enc.input_ids, enc.attention_mask)):
-        want = model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)
-        got = fast.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)
-        assert torch.equal(got, want)
-    assert fast.hfaccel_compile_stats.compiled_calls == 2
 
 
 def test_cpp_wrapper_reaches_inductor_and_stays_token_exact(monkeypatch):
