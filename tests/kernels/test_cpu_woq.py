@@ -80,6 +80,28 @@ def test_int4_mm_against_float64(m, n, k, g):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_many_threads_and_one_give_the_same_outputs(m):
+    # the rows of the weight are split between threads (shapes past the kernels' grain), each output one thread's
+    # sum in k order: under `pytest -n 2` each worker runs one thread, so this test asks for two itself
+    torch.manual_seed(m)
+    n, k, g = 1536, 576, 64
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n) * 0.01
+    packed = cpu_woq.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8))
+    sz = torch.stack([torch.rand(k // g, n) * 0.02, torch.randn(k // g, n) * 0.05], dim=-1).to(torch.bfloat16)
+    x = torch.randn(m, k)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append((cpu_woq.int8_mm(x, q, scales), cpu_woq.int4_mm(x, packed, sz.contiguous(), g)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_leading_dims_and_bf16_input():
     torch.manual_seed(1)
     q = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
