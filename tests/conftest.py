@@ -24,6 +24,20 @@ def pytest_configure(config):
         torch.set_num_threads(share)
 
 
+def at_one_and_two_threads(fn):
+    """[fn() with 1 torch thread, fn() with at least 2]: for the kernels' thread splits, which a test must ask
+    for itself (under `-n 2` each worker runs one thread)."""
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append(fn())
+    finally:
+        torch.set_num_threads(before)
+    return outs
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hfaccel.kernels import cpu_gemm
+from tests.conftest import at_one_and_two_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,14 +47,7 @@ def test_non_contiguous_x_and_empty_shapes():
 
 def test_many_threads_and_one_give_the_same_sums():
     x, w = torch.randn(16, 576), torch.randn(1536, 576)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_gemm.small_linear(x, w)
-        torch.set_num_threads(max(2, before))
-        many = cpu_gemm.small_linear(x, w)
-    finally:
-        torch.set_num_threads(before)
+    one, many = at_one_and_two_threads(lambda: cpu_gemm.small_linear(x, w))
     assert torch.equal(one, many)                            # each output's sum is one thread's, in k order
 
 

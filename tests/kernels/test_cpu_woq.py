@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hfaccel.kernels import cpu_woq
+from tests.conftest import at_one_and_two_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,14 +92,8 @@ def test_many_threads_and_one_give_the_same_outputs(m):
     packed = cpu_woq.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8))
     sz = torch.stack([torch.rand(k // g, n) * 0.02, torch.randn(k // g, n) * 0.05], dim=-1).to(torch.bfloat16)
     x = torch.randn(m, k)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, max(2, before)):
-            torch.set_num_threads(threads)
-            outs.append((cpu_woq.int8_mm(x, q, scales), cpu_woq.int4_mm(x, packed, sz.contiguous(), g)))
-    finally:
-        torch.set_num_threads(before)
+    outs = at_one_and_two_threads(
+        lambda: (cpu_woq.int8_mm(x, q, scales), cpu_woq.int4_mm(x, packed, sz.contiguous(), g)))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
