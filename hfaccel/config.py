@@ -201,6 +201,9 @@ class FusionConfig(_Section):
     packed_weights: bool = _opt(False, doc="fp32/bf16 Linear layers on CPU run on oneDNN with weights reordered once, "
                                            "where faster (measured per shape; sums in another order; projections "
                                            "fused by qkv/gate_up keep their GEMM)")
+    exact_codes: bool = _opt(False, doc="fp32 Linear weights on CPU that are exactly 4-bit block codes (a model "
+                                        "dequantized from a GGUF Q4_0 / Q4_1 file) held as those codes and "
+                                        "rebuilt bit for bit in the kernel (sums in another order)")
     small_gemm: bool = _opt(False, doc="fp32 Linear layers on CPU with 1-16 rows of input (batched decode, verify) "
                                        "run hfaccel's few-row GEMM where faster (measured per shape; sums in "
                                        "another order)")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layout  # noqa: F401  (weight_layout registers first: fuse keeps the layout it chose)
+from .coded import CodedLinear
 from .placement import offloaded_reason
 from .quant.layers import Int4Linear, Int8Linear
 from .registry import Plan, register_feature
@@ -117,6 +118,10 @@ def _kind(mods: list[nn.Module]) -> tuple[str | None, str]:
         if len({(m.group_size, m.padded, m.kernel) for m in mods}) != 1:
             return None, "int4 layers with different group sizes or kernels"
         return "int4", ""
+    if t is CodedLinear:
+        if len({m.zero for m in mods}) != 1:
+            return None, "exact-code layers of two formats (Q4_0 and Q4_1)"
+        return "coded", ""
     return None, f"{t.__name__} layers cannot be concatenated"
 
 
@@ -148,6 +153,19 @@ def _fuse_group(mods: list[nn.Module], kind: str, undos: list[Callable[[], None]
 
         def intact(first=first, ptr=ptr) -> bool:
             return first.weight.data_ptr() == ptr
+    elif kind == "coded":
+        fused = CodedLinear(torch.cat([m.packed for m in mods]), torch.cat([m.dm for m in mods]),
+                                       mods[0].zero, torch.cat([m.bias for m in mods]) if mods[0].bias is not None
+                                       else None)
+        for m, pv, dv in zip(mods, fused.packed.split(sizes), fused.dm.split(sizes)):   # row ranges: views
+            olds = (m.packed, m.dm)
+            m.packed, m.dm = pv, dv
+            undos.append(lambda m=m, o=olds: _restore_buffers(m, ("packed", "dm"), o))
+        first, ptr = mods[0], mods[0].packed.data_ptr()
+        compute = fused.forward
+
+        def intact(first=first, ptr=ptr) -> bool:
+            return first.packed.data_ptr() == ptr
     else:
         if kind == "int8":
             q = torch.cat([m.qweight for m in mods])

@@ -19,6 +19,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from . import coded  # noqa: F401  (registers exact_codes first: the weights it codes need no layout)
 from .registry import Plan, register_feature
 from .report import Skip
 

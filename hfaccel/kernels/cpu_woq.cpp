@@ -195,6 +195,63 @@ void int4_small(const float* x, const float* xs, int64_t M, int64_t Kp, const ui
   });
 }
 
+// Exact 4-bit codes (coded4_mm): w[n, k] = fl(fl(d * (code - Z)) + m) for the fp32 pair (d, m) of row n's group of
+// 32 columns, rebuilt in registers with the same two roundings as the reference (this file is compiled with
+// -ffp-contract=off, so the mul and the add are never fused into one FMA), then multiplied with x in fp32.
+// Unlike int4_block the scale is not factored out of the sums: each product is w[n, k] * x[m, k] with the
+// rebuilt weight bit for bit, so only the order of the sums differs from an fp32 GEMM on the same weights.
+inline const float* dm_of(const float* dm, int64_t G, int64_t n, int64_t g) { return dm + (n * G + g) * 2; }
+
+template <int MT, int NR, bool Z>
+inline void coded4_block(const float* x, int64_t K, const uint8_t* p, const float* dm, int64_t G, float* y,
+                         int64_t N, int64_t n) {
+  const int64_t rs = K / 2;
+  const F z = Isa::set1(8.f);
+  F acc[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = Isa::zero();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k = g * 32;
+    F d[NR], o[NR];
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch((const char*)(p + (n + NR * kPrefetchBlocks + r) * rs + k / 2), _MM_HINT_T0);
+      const float* e = dm_of(dm, G, n + r, g);
+      d[r] = Isa::set1(e[0]);
+      o[r] = Isa::set1(e[1]);
+    }
+    for (int v = 0; v < V; ++v) {
+      F lo[NR], hi[NR];
+      for (int r = 0; r < NR; ++r) {
+        Isa::u4(p + (n + r) * rs + k / 2, v, lo[r], hi[r]);
+        if constexpr (Z) {
+          lo[r] = Isa::sub(lo[r], z);
+          hi[r] = Isa::sub(hi[r], z);
+        }
+        lo[r] = Isa::add(Isa::mul(lo[r], d[r]), o[r]);
+        hi[r] = Isa::add(Isa::mul(hi[r], d[r]), o[r]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const F x0 = Isa::load(x + m * K + k + v * W), x1 = Isa::load(x + m * K + k + 16 + v * W);
+        for (int r = 0; r < NR; ++r) {
+          acc[m][r] = Isa::fma(lo[r], x0, acc[m][r]);
+          acc[m][r] = Isa::fma(hi[r], x1, acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) y[m * N + n + r] = Isa::sum(acc[m][r]);
+}
+
+template <int MT, bool Z>
+void coded4_rows(const float* x, int64_t K, const uint8_t* p, const float* dm, int64_t G, float* y, int64_t N,
+                 int64_t n0, int64_t n1) {
+  constexpr int NR = Isa::kNR4;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) coded4_block<MT, NR, Z>(x, K, p, dm, G, y, N, n);
+  for (; n < n1; ++n) coded4_block<MT, 1, Z>(x, K, p, dm, G, y, N, n);
+}
+
 // [..., K] -> [M, K] fp32 contiguous. At batch 1 the whole op takes a few microseconds, so the usual case
 // (x already [M, K] fp32 contiguous) makes no new tensor at all.
 at::Tensor as_rows(const at::Tensor& x) {
@@ -336,14 +393,71 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return as_output(y, x);
 }
 
+// The exact weight of row n, columns [0, K): the same arithmetic as coded4_block's registers.
+template <bool Z>
+void coded4_row(const uint8_t* pr, const float* dmr, int64_t K, float* out) {
+  const F z = Isa::set1(8.f);
+  for (int64_t k = 0; k < K; k += 32) {
+    const F d = Isa::set1(dmr[k / 16]), o = Isa::set1(dmr[k / 16 + 1]);
+    for (int v = 0; v < V; ++v) {
+      F lo, hi;
+      Isa::u4(pr + k / 2, v, lo, hi);
+      if constexpr (Z) {
+        lo = Isa::sub(lo, z);
+        hi = Isa::sub(hi, z);
+      }
+      Isa::store(out + k + v * W, Isa::add(Isa::mul(lo, d), o));
+      Isa::store(out + k + 16 + v * W, Isa::add(Isa::mul(hi, d), o));
+    }
+  }
+}
+
+at::Tensor coded4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t zero) {
+  TORCH_CHECK(zero == 0 || zero == 8, "coded4_mm: zero must be 0 or 8, got ", zero);
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+              packed.size(1) % 16 == 0,
+              "coded4_mm: packed must be a contiguous uint8 [N, K / 2] matrix with K a multiple of 32");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 32;
+  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.dim() == 3 && dm.size(0) == N &&
+              dm.size(1) == G && dm.size(2) == 2,
+              "coded4_mm: dm must be contiguous float32 [", N, ", ", G, ", 2], got ", dm.scalar_type(), " ", dm.sizes());
+  check_x(x, K, "coded4_mm");
+  TORCH_CHECK(x.size(-1) == K, "coded4_mm: x has ", x.size(-1), " columns, the weight ", K);
+  const at::Tensor xf = as_rows(x);
+  const int64_t M = xf.size(0);
+  const float* xp = xf.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* dp = dm.data_ptr<float>();
+  at::Tensor y;
+  if (M > kSmallM) {
+    y = blocked_sgemm(xf, N, K, [&](int64_t n, float* out) {
+      if (zero) coded4_row<true>(pp + n * (K / 2), dp + n * G * 2, K, out);
+      else coded4_row<false>(pp + n * (K / 2), dp + n * G * 2, K, out);
+    });
+  } else {
+    y = at::empty({M, N}, xf.options());
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, grain(K / 2, M), [&](int64_t n0, int64_t n1) {
+      by_tiles(M, [&](auto mt, int64_t m) {
+        constexpr int MT = decltype(mt)::value;
+        if (zero) coded4_rows<MT, true>(xp + m * K, K, pp, dp, G, yp + m * N, N, n0, n1);
+        else coded4_rows<MT, false>(xp + m * K, K, pp, dp, G, yp + m * N, N, n0, n1);
+      });
+    });
+  }
+  return as_output(y, x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hfaccel_cpu, m) {
   m.def("int8_mm(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales_zeros, int group_size) -> Tensor");
+  m.def("coded4_mm(Tensor x, Tensor packed, Tensor dm, int zero) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hfaccel_cpu, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("coded4_mm", &coded4_mm);
 }

@@ -59,7 +59,9 @@ def _build() -> tuple[bool, str]:
         return False, "this CPU has neither AVX-512F nor AVX2 + FMA"
     from .cpp_build import build_extension, portable_flags
 
-    ok, why = build_extension("hfaccel_cpu_woq", SOURCE, portable_flags(avx512=True))
+    # -ffp-contract=off: coded4_mm rebuilds exact weights with a separate multiply and add (GCC would fuse
+    # them into one FMA, which rounds once, and the weight would no longer be the stored one)
+    ok, why = build_extension("hfaccel_cpu_woq", SOURCE, [*portable_flags(avx512=True), "-ffp-contract=off"])
     if ok:
         _register_fakes()
     return ok, why
@@ -74,6 +76,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("hfaccel_cpu::int4_mm")
     def _(x, packed, scales_zeros, group_size):
+        return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+    @torch.library.register_fake("hfaccel_cpu::coded4_mm")
+    def _(x, packed, dm, zero):
         return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
@@ -108,6 +114,12 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, g
     """x [..., K] @ w.T, w[n, k] = (code - 8) * scale[g, n] + zero[g, n], g = k // group_size, codes packed by
     pack_int4 and scales_zeros the bf16 [G, N, 2] pairs aten's int4 kernels read too."""
     return torch.ops.hfaccel_cpu.int4_mm(x, packed, scales_zeros, group_size)
+
+
+def coded4_mm(x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor, zero: int) -> torch.Tensor:
+    """x [..., K] @ w.T with w[n, k] = (d * (code - zero)) + m in fp32, two roundings, (d, m) = dm[n, k // 32]:
+    the weights rebuilt bit for bit (coded.py finds such codes in fp32 weights). codes packed by pack_int4."""
+    return torch.ops.hfaccel_cpu.coded4_mm(x, packed, dm, zero)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
