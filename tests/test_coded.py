@@ -84,12 +84,13 @@ def test_coded4_mm_rebuilds_each_weight_exactly_and_multiplies_in_fp32(zero):
     w = coded.rebuild(codes, dm, zero)
     packed = cpu_woq.pack_int4(codes)
     eye = torch.eye(k)
-    for rows in (1, 3, 16, 17):          # 1-16: the weights rebuilt in registers; 17: rebuilt rows into sgemm
+    for rows in (1, 3, 4, 5, 16, 64, 65):     # 1-4: rebuilt in registers; 5-64: rebuilt into an L1 panel;
+                                              # 65: rebuilt rows handed to sgemm
         for start in range(0, k, rows):
             x = eye[start:start + rows]
             got = cpu_woq.coded4_mm(x, packed, dm.contiguous(), zero)
             assert torch.equal(bits(got), bits(w.T[start:start + rows])), (rows, start)
-    for rows in (1, 4, 5, 40):
+    for rows in (1, 4, 5, 11, 40, 70):
         x = torch.randn(2, rows, k)
         got = cpu_woq.coded4_mm(x, packed, dm.contiguous(), zero)
         want = x.double() @ w.double().T

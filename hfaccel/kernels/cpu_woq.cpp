@@ -412,6 +412,63 @@ void coded4_row(const uint8_t* pr, const float* dmr, int64_t K, float* out) {
   }
 }
 
+// 5..kPanelM rows: rebuilding the weights in registers per tile of rows (coded4_block) would pay the rebuild
+// once per 4 rows; instead each thread rebuilds kPanel weight rows once into an L1 buffer and multiplies every
+// row of x with them there (a register tile of kPanelNR weight rows by up to 6 rows of x).
+constexpr int64_t kPanel = 4, kPanelM = 64;
+#if defined(__AVX512F__)
+constexpr int kPanelNR = 4;      // 4 x 6 accumulators of 32 zmm registers
+#else
+constexpr int kPanelNR = 2;      // 2 x 6 accumulators of 16 ymm registers
+#endif
+
+template <int MR, int NR>
+inline void panel_tile(const float* __restrict x, int64_t K, const float* __restrict w, float* __restrict y,
+                       int64_t N) {
+  F acc[NR][MR];
+  for (int j = 0; j < NR; ++j)
+    for (int m = 0; m < MR; ++m) acc[j][m] = Isa::zero();
+  for (int64_t k = 0; k < K; k += W) {
+    F wk[NR];
+    for (int j = 0; j < NR; ++j) wk[j] = Isa::load(w + j * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const F xv = Isa::load(x + m * K + k);
+      for (int j = 0; j < NR; ++j) acc[j][m] = Isa::fma(wk[j], xv, acc[j][m]);
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int m = 0; m < MR; ++m) y[m * N + j] = Isa::sum(acc[j][m]);
+}
+
+template <int NR>
+void panel_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) panel_tile<6, NR>(x + m * K, K, w, y + m * N, N);
+  switch (M - m) {
+    case 5: panel_tile<5, NR>(x + m * K, K, w, y + m * N, N); break;
+    case 4: panel_tile<4, NR>(x + m * K, K, w, y + m * N, N); break;
+    case 3: panel_tile<3, NR>(x + m * K, K, w, y + m * N, N); break;
+    case 2: panel_tile<2, NR>(x + m * K, K, w, y + m * N, N); break;
+    case 1: panel_tile<1, NR>(x + m * K, K, w, y + m * N, N); break;
+    default: break;
+  }
+}
+
+template <bool Z>
+void coded4_panels(const float* x, int64_t M, int64_t K, const uint8_t* p, const float* dm, float* y, int64_t N) {
+  const int64_t G = K / 32;
+  at::parallel_for(0, (N + kPanel - 1) / kPanel, std::max<int64_t>(1, grain(K / 2, M) / kPanel), [&](int64_t b0, int64_t b1) {
+    c10::SmallVector<float, kPanel * 1536> buf(kPanel * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kPanel, rows = std::min<int64_t>(kPanel, N - n0);
+      for (int64_t r = 0; r < rows; ++r) coded4_row<Z>(p + (n0 + r) * (K / 2), dm + (n0 + r) * G * 2, K, buf.data() + r * K);
+      int64_t r = 0;
+      for (; r + kPanelNR <= rows; r += kPanelNR) panel_rows<kPanelNR>(x, M, K, buf.data() + r * K, y + n0 + r, N);
+      for (; r < rows; ++r) panel_rows<1>(x, M, K, buf.data() + r * K, y + n0 + r, N);
+    }
+  });
+}
+
 at::Tensor coded4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t zero) {
   TORCH_CHECK(zero == 0 || zero == 8, "coded4_mm: zero must be 0 or 8, got ", zero);
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
@@ -429,11 +486,15 @@ at::Tensor coded4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* dp = dm.data_ptr<float>();
   at::Tensor y;
-  if (M > kSmallM) {
+  if (M > kPanelM) {
     y = blocked_sgemm(xf, N, K, [&](int64_t n, float* out) {
       if (zero) coded4_row<true>(pp + n * (K / 2), dp + n * G * 2, K, out);
       else coded4_row<false>(pp + n * (K / 2), dp + n * G * 2, K, out);
     });
+  } else if (M > 4) {
+    y = at::empty({M, N}, xf.options());
+    if (zero) coded4_panels<true>(xp, M, K, pp, dp, y.data_ptr<float>(), N);
+    else coded4_panels<false>(xp, M, K, pp, dp, y.data_ptr<float>(), N);
   } else {
     y = at::empty({M, N}, xf.options());
     float* yp = y.data_ptr<float>();
