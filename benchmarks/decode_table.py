@@ -43,9 +43,11 @@ class LlamaCpp:
     """llama-cpp-python on the same GGUF and threads: the prompt's tokens in, greedy tokens out."""
 
     def __init__(self, threads: int):
-        from llama_cpp import Llama
+        from hfaccel.bench.llamacpp import load
 
-        self.llm = Llama(model_path=str(models.default_gguf_path()), n_threads=threads, n_ctx=1024, verbose=False)
+        self.llm, note = load(models.default_gguf_path(), n_threads=threads, n_ctx=1024, verbose=False)
+        if note:
+            print(note)
 
     def time(self, ids: torch.Tensor, new: int, runs: int) -> tuple[float, float]:
         toks = ids[0].tolist()

@@ -73,6 +73,8 @@ def correctness_line(result: dict[str, Any]) -> str:
     if lc:
         line += (f"\nllama.cpp ({lc['gguf']}) greedy agreement with transformers: "
                  f"{100 * lc['token_agreement_with_transformers']:.1f}%")
+        if lc.get("note"):
+            line += f"\n{lc['note']}"
     line += "\ngain: > 1 means better than transformers (faster, more tokens/s, or less memory)"
     return line
 

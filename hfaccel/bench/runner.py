@@ -122,12 +122,12 @@ class _LlamaCpp:
     """llama.cpp through llama-cpp-python on the same GGUF file, same threads, same prompt tokens."""
 
     def __init__(self, gguf: Path, settings: BenchSettings):
-        from llama_cpp import Llama
+        from .llamacpp import load
 
         threads = settings.threads or torch.get_num_threads()
         self.s = settings
-        self.llm = Llama(model_path=str(gguf), n_ctx=settings.prompt_tokens + settings.new_tokens + 16,
-                         n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False, seed=0)
+        self.llm, self.note = load(gguf, n_ctx=settings.prompt_tokens + settings.new_tokens + 16, n_threads=threads,
+                                   n_threads_batch=threads, n_gpu_layers=0, verbose=False, seed=0)
         self.gguf = gguf
 
     def generate(self, prompt: list[int]) -> tuple[list[int], float, float, float | None]:
@@ -290,7 +290,7 @@ def _bench_llama_cpp(settings: BenchSettings, prompts: torch.Tensor, hf_greedy: 
             "decode_tok_s": 1e3 / tpot["p50"] if tpot["n"] else None,
             "throughput_tok_s": {"1": settings.new_tokens / (summary(lat["e2e"])["p50"] / 1e3)},
             "peak_memory_mb": None, "peak_memory_delta_mb": None, "weight_bytes": gguf.stat().st_size,
-            "token_agreement_with_transformers": agree, "gguf": gguf.name}
+            "token_agreement_with_transformers": agree, "gguf": gguf.name, "note": runner.note}
 
 
 def total_steps(settings: BenchSettings) -> int:

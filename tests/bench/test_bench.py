@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hfaccel import models
 from hfaccel.bench.metrics import percentile, summary
 from hfaccel.bench.runner import BenchSettings, ratios
 from hfaccel.cli import main
@@ -116,6 +117,34 @@ def test_bench_compares_llama_cpp_when_installed(tmp_path):
     check_schema(result, [1], {"transformers", "hfaccel", "llama.cpp"})
     lc = result["systems"]["llama.cpp"]
     assert lc["gguf"].endswith(".gguf") and 0 <= lc["token_agreement_with_transformers"] <= 1
+
+
+def test_a_llama_cpp_prefill_that_crashes_is_detected_in_a_subprocess(monkeypatch):
+    from hfaccel.bench import llamacpp
+
+    monkeypatch.setattr(llamacpp, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    llamacpp.extra_buffers_work.cache_clear()
+    ok, why = llamacpp.extra_buffers_work("model.gguf")
+    assert not ok and "exited with -11" in why
+    monkeypatch.setattr(llamacpp, "_PROBE", "import sys; assert sys.argv[1] == 'model.gguf'")
+    llamacpp.extra_buffers_work.cache_clear()
+    assert llamacpp.extra_buffers_work("model.gguf") == (True, "")
+    llamacpp.extra_buffers_work.cache_clear()
+
+
+@needs_default_model
+def test_llama_cpp_loads_without_extra_buffers_where_they_crash(monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    import llama_cpp.llama as module
+
+    from hfaccel.bench import llamacpp
+
+    default = module.llama_cpp.llama_model_default_params
+    monkeypatch.setattr(llamacpp, "extra_buffers_work", lambda path: (False, "it crashed"))
+    llm, note = llamacpp.load(models.default_gguf_path(), n_ctx=64, n_threads=1, verbose=False)
+    assert llm.model_params.use_extra_bufts is False and note.endswith("it crashed")
+    assert module.llama_cpp.llama_model_default_params is default
+    assert len(llm.tokenize(b"Hello there")) >= 1
 
 
 def test_llama_cpp_compare_needs_the_default_model(capsys, monkeypatch):
