@@ -27,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from .dense_state import DenseWeightState
 from .registry import Plan, register_feature
 from .report import Skip
 
@@ -106,7 +107,7 @@ def _find_blocks(g: torch.Tensor, zero: int):
     return codes, d, m
 
 
-class CodedLinear(nn.Module):
+class CodedLinear(DenseWeightState, nn.Module):
     """y = x W^T + b with W held as 4-bit block codes that rebuild it bit for bit (see the module docs)."""
 
     def __init__(self, packed: torch.Tensor, dm: torch.Tensor, zero: int, bias: torch.Tensor | None = None):
@@ -138,37 +139,17 @@ class CodedLinear(nn.Module):
         y = torch.ops.hfaccel_cpu.coded4_mm(x, self.packed, self.dm, self.zero)
         return y if self.bias is None else y + self.bias
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+    def _load_weight(self, key: str, w: torch.Tensor, error_msgs: list[str]) -> None:
+        from .kernels.cpu_woq import pack_int4
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "weight"
-        if key not in state_dict:
-            if strict:
-                missing_keys.append(key)
-        else:
-            w = state_dict[key]
-            found = find_codes(w.to(torch.float32)) if tuple(w.shape) == (self.out_features, self.in_features) \
-                else None
-            if found is None:
-                error_msgs.append(f"{key}: a CodedLinear takes only a [{self.out_features}, {self.in_features}] "
-                                  f"weight made of 4-bit block codes (got {w.dtype} {tuple(w.shape)}, not such "
-                                  f"codes); revert_model(model) first to load other weights")
-            else:
-                from .kernels.cpu_woq import pack_int4
-
-                codes, self.dm, self.zero = found
-                self.packed = pack_int4(codes)
-        if self.bias is not None:
-            bkey = prefix + "bias"
-            if bkey in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[bkey])
-            elif strict:
-                missing_keys.append(bkey)
+        found = find_codes(w.to(torch.float32)) if tuple(w.shape) == (self.out_features, self.in_features) else None
+        if found is None:
+            error_msgs.append(f"{key}: a CodedLinear takes only a [{self.out_features}, {self.in_features}] weight "
+                              f"made of 4-bit block codes (got {w.dtype} {tuple(w.shape)}, not such codes); "
+                              f"revert_model(model) first to load other weights")
+            return
+        codes, self.dm, self.zero = found
+        self.packed = pack_int4(codes)
 
     def extra_repr(self) -> str:
         kind = "Q4_1" if self.zero == 0 else "Q4_0"

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import fusion  # noqa: F401  (registers the fusions first: this feature packs what they left unfused)
+from .dense_state import DenseWeightState
 from .placement import offloaded_reason
 from .registry import Plan, register_feature
 from .report import Skip
@@ -95,7 +96,7 @@ class _Backward(torch.autograd.Function):
         return gx, gb, None
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(DenseWeightState, nn.Module):
     """y = x W^T + b with W held in oneDNN's reordered layout."""
 
     def __init__(self, linear: nn.Linear, shared: bool = False):
@@ -144,35 +145,16 @@ class PackedLinear(nn.Module):
         memo[id(self)] = new
         return new
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "weight"
-        if key not in state_dict:
-            if strict:
-                missing_keys.append(key)
-        else:
-            w = state_dict[key]
-            if tuple(w.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, the "
-                                  f"shape in current model is {(self.out_features, self.in_features)}.")
-            else:
-                with torch.no_grad():
-                    if self.shared_weight is not None:
-                        self.shared_weight.copy_(w)
-                    self.packed = reorder(w.to(self.dtype))
-                    _PACKED[self.handle] = self.packed
-        if self.bias is not None:
-            bkey = prefix + "bias"
-            if bkey in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[bkey])
-            elif strict:
-                missing_keys.append(bkey)
+    def _load_weight(self, key: str, w: torch.Tensor, error_msgs: list[str]) -> None:
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, the "
+                              f"shape in current model is {(self.out_features, self.in_features)}.")
+            return
+        with torch.no_grad():
+            if self.shared_weight is not None:
+                self.shared_weight.copy_(w)
+            self.packed = reorder(w.to(self.dtype))
+            _PACKED[self.handle] = self.packed
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
