@@ -33,7 +33,6 @@ from .report import Skip
 
 BLOCK = 32
 SLOWER_OK = 1.05        # a shape is taken unless one row through its layers measures this much slower
-REPS = 4
 _STEPS = (0, 1, -1, 2, -2)     # fp16 neighbours of the estimated scale tried, in this order
 
 
@@ -183,18 +182,6 @@ def candidates(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
-def _time(fn, mods, x) -> float:
-    best = float("inf")
-    with torch.inference_mode():
-        fn(mods[0], x)
-        for _ in range(REPS):
-            t = time.perf_counter()
-            for m in mods:
-                fn(m, x)
-            best = min(best, time.perf_counter() - t)
-    return best
-
-
 @register_feature("exact_codes", stage="fuse")
 def plan_exact_codes(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
     if not cfg.fusion.exact_codes:
@@ -210,6 +197,8 @@ def plan_exact_codes(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         return Skip("exact_codes", "exact 4-bit codes: the model is in training mode; call model.eval() first")
 
     def apply(rw) -> None:
+        from .small_gemm import _time       # best of a few passes over all layers of a shape, after a warm-up
+
         found: dict[tuple[int, int], list[tuple[str, nn.Linear, CodedLinear]]] = {}
         start = time.perf_counter()
         for path, mod in candidates(model).items():
@@ -223,8 +212,8 @@ def plan_exact_codes(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
             return
         for shape, layers in found.items():
             x = torch.randn(1, shape[1])
-            dense = _time(lambda m, x: nn.functional.linear(x, m.weight, m.bias), [m for _, m, _ in layers], x)
-            coded = _time(lambda m, x: m(x), [c for _, _, c in layers], x)
+            dense = _time(lambda x, m: nn.functional.linear(x, m.weight, m.bias), [m for _, m, _ in layers], x)
+            coded = _time(lambda x, m: m(x), [c for _, _, c in layers], x)
             if coded > dense * SLOWER_OK:
                 plan.notes.append(f"exact 4-bit codes: {len(layers)} Linear layer(s) {list(shape)} kept dense "
                                   f"(1 row: {dense * 1e3:.2f} ms as they are, {coded * 1e3:.2f} ms coded)")
