@@ -118,14 +118,17 @@ def step_attention(module, query, key, value, decode, scaling=None, sliding_wind
     attention functions do."""
     keys, values, col, valid = decode
     kb, vb = keys[module.layer_idx], values[module.layer_idx]
-    kb.index_copy_(2, col, key.to(kb.dtype))
-    vb.index_copy_(2, col, value.to(vb.dtype))
     b, hq, _, d = query.shape
     hkv = kb.shape[1]
+    if col.numel() == 1:                  # every row at the same column (generate()'s greedy decode)
+        kb.index_copy_(2, col, key.to(kb.dtype))
+        vb.index_copy_(2, col, value.to(vb.dtype))
+    else:                                 # a column per row (the speculative loop, rows advance on their own)
+        write_columns(kb, vb, col.view(b, 1), key, value)
     scale = scaling if scaling is not None else d ** -0.5
     if sliding_window is not None:
         cols = torch.arange(valid.shape[1], device=valid.device)
-        valid = valid & (cols > col - sliding_window)
+        valid = valid & (cols > col.view(-1, 1) - sliding_window)
     if (_cpp_step_attention and softcap is None and query.device.type == "cpu" and query.dtype == torch.float32
             and kb.dtype == torch.float32):
         # scores only for the valid columns, in one call per layer. Inductor's fused loops below took 129 us
@@ -144,6 +147,18 @@ def step_attention(module, query, key, value, decode, scaling=None, sliding_wind
     return out.reshape(b, 1, hq, d), None
 
 
+def write_columns(kb, vb, where, key, value) -> None:
+    """Write key/value [B, Hkv, W, D] into the buffers [B, Hkv, T, D] at columns where [B, W] (per row).
+    index_put_ rather than scatter_: Inductor keeps index_put_ on a graph input in place, while scatter_ made
+    it copy both whole buffers of every layer (SmolLM2 batch 4, 256 columns: ~3 ms of a 17 ms step)."""
+    b, hkv = kb.shape[0], kb.shape[1]
+    rows = torch.arange(b, device=where.device).view(b, 1, 1)
+    heads = torch.arange(hkv, device=where.device).view(1, hkv, 1)
+    index = (rows, heads, where[:, None, :])
+    kb.index_put_(index, key.to(kb.dtype))
+    vb.index_put_(index, value.to(vb.dtype))
+
+
 def verify_attention(module, query, key, value, decode, scaling=None, sliding_window=None, softcap=None):
     """W query tokens per row against the layer's decode buffer (a speculative verify step). query:
     [B, Hq, W, D]; key, value: [B, Hkv, W, D]. `decode` = (keys, values, where, allowed): where [B, W] is
@@ -153,9 +168,7 @@ def verify_attention(module, query, key, value, decode, scaling=None, sliding_wi
     kb, vb = keys[module.layer_idx], values[module.layer_idx]
     b, hq, w, d = query.shape
     hkv, t = kb.shape[1], kb.shape[2]
-    index = where[:, None, :, None].expand(b, hkv, w, d)
-    kb.scatter_(2, index, key.to(kb.dtype))
-    vb.scatter_(2, index, value.to(vb.dtype))
+    write_columns(kb, vb, where, key, value)
     g = hq // hkv
     scale = scaling if scaling is not None else d ** -0.5
     q = query.reshape(b, hkv, g * w, d)                                   # GQA: query heads grouped by KV head
@@ -351,6 +364,8 @@ class CompiledDecoder:
                                  backend=_counting_backend(self.stats, mode, self.cpp_wrapper), options=options)
         self._vfn = torch.compile(_own_code(self._verify), fullgraph=True, dynamic=False,
                                   backend=_counting_backend(self.stats, mode, self.cpp_wrapper), options=options)
+        self._gfn = torch.compile(_own_code(self._verify_greedy), fullgraph=True, dynamic=False,
+                                  backend=_counting_backend(self.stats, mode, self.cpp_wrapper), options=options)
         self._verify_checked = False
         self._costs: dict[tuple[int, int], list[float]] = {}
         self.certified = None         # a CertifiedHead: set before the first compile, read when tracing
@@ -362,13 +377,14 @@ class CompiledDecoder:
         nxt = torch.where(finished, pad, logits.argmax(-1))
         return nxt[:, None], finished | eos[nxt]
 
-    # tokens, position_ids: [B, 1]; col: [1] column of this token; valid: [B, T]; finished: [B] bool;
-    # eos: [V] bool over the vocabulary (a fixed shape whatever the number of EOS ids); pad, allow_eos: 0-d.
+    # tokens, position_ids: [B, 1]; col: [1] column of this token, or [B] a column per row; valid: [B, T];
+    # finished: [B] bool; eos: [V] bool over the vocabulary (a fixed shape whatever the number of EOS ids);
+    # pad: 0-d; allow_eos: 0-d, or [B, 1] per row.
     # Returns (next tokens [B, 1], finished [B], checked, hidden): with a certified head, checked [B] says
     # which rows' picks passed the bound and hidden [B, d] lets the caller redo the others; else None, None.
     def _step(self, tokens, position_ids, keys, values, col, valid, finished, eos, pad, allow_eos):
         cols = torch.arange(valid.shape[1], device=valid.device)
-        valid = valid & (cols <= col)
+        valid = valid & (cols <= col.view(-1, 1))
         decode = (keys, values, col, valid)
         if self.certified is None:
             out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False, logits_to_keep=1,
@@ -384,13 +400,59 @@ class CompiledDecoder:
 
     # tokens, position_ids: [B, W]; col: [B] buffer column of each row's first token (rows advance on their
     # own); valid: [B, T]. Returns the logits of every token, [B, W, V] float.
-    def _verify(self, tokens, position_ids, keys, values, col, valid):
+    @staticmethod
+    def _columns(tokens, keys, values, col, valid):
+        """hfaccel_verify's (keys, values, where [B, W], allowed [B, W, T]) for tokens [B, W] at col [B]."""
         w, t = tokens.shape[1], valid.shape[1]
         where = col[:, None] + torch.arange(w, device=col.device)
         allowed = valid[:, None, :] & (torch.arange(t, device=col.device) <= where[:, :, None])
+        return keys, values, where, allowed
+
+    def _verify(self, tokens, position_ids, keys, values, col, valid):
         out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False,
-                         hfaccel_verify=(keys, values, where, allowed))
+                         hfaccel_verify=self._columns(tokens, keys, values, col, valid))
         return out.logits.float()
+
+    # greedy verify: as _verify, plus eos [V] bool and allow [B, W] bool (EOS allowed at that token). Returns
+    # the greedy pick after every token [B, W] and, with a certified head, checked [B, W] and hidden [B, W, d]
+    # (else None, None): the [B, W, V] logits never leave the graph, and the head is read in bf16.
+    def _verify_greedy(self, tokens, position_ids, keys, values, col, valid, eos, allow):
+        verify = self._columns(tokens, keys, values, col, valid)
+        if self.certified is None:
+            logits = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False,
+                                hfaccel_verify=verify).logits.float()
+            logits = logits.masked_fill(eos[: logits.shape[-1]] & ~allow[..., None], float("-inf"))
+            return logits.argmax(-1), None, None
+        base = getattr(self.model, self.model.base_model_prefix)
+        h = base(input_ids=tokens, position_ids=position_ids, use_cache=False,
+                 hfaccel_verify=verify).last_hidden_state
+        b, w, d = h.shape
+        blocked = eos[: self.certified.weight.shape[0]] & ~allow.reshape(b * w, 1)
+        token, checked = self.certified.pick(h.reshape(b * w, d), blocked)
+        return token.view(b, w), checked.view(b, w), h
+
+    def verify_greedy(self, buf: DecodeBuffers, tokens: torch.Tensor, positions: torch.Tensor,
+                      col: torch.Tensor, eos_mask: torch.Tensor, allow: torch.Tensor) -> torch.Tensor:
+        """The greedy pick [B, W] after each of tokens [B, W >= 2] (a verify forward, as `verify`), EOS
+        blocked where allow [B, W] is False. One graph for every width (dynamic in W). A certified pick whose
+        bound could not rule out another token is redone through the fp32 head."""
+        tokens, positions, allow = _fresh(tokens), _fresh(positions), _fresh(allow)
+        for t in (tokens, positions, allow):
+            torch._dynamo.mark_dynamic(t, 1, min=2, max=BUCKET)
+        with self.lock:
+            before = self.stats.compilations
+            t = time.perf_counter()
+            pick, checked, h = self._gfn(tokens, positions, buf.keys, buf.values, col, buf.valid, eos_mask, allow)
+            if self.stats.compilations != before:
+                self.stats.compile_seconds += time.perf_counter() - t
+        if checked is not None and not bool(checked.all()):
+            redo = ~checked
+            logits = self.model.get_output_embeddings()(h[redo]).float()
+            logits = logits.masked_fill(eos_mask[: logits.shape[-1]] & ~allow[redo][:, None], float("-inf"))
+            pick = pick.clone()
+            pick[redo] = logits.argmax(-1)
+            self.stats.head_fallbacks += 1
+        return pick
 
     def verify(self, buf: DecodeBuffers, tokens: torch.Tensor, positions: torch.Tensor,
                col: torch.Tensor) -> torch.Tensor:
@@ -410,12 +472,15 @@ class CompiledDecoder:
         return out
 
     @torch.inference_mode()
-    def verify_costs(self, batch: int, max_width: int, context: int = 64, reps: int = 3) -> list[float]:
+    def verify_costs(self, batch: int, max_width: int, context: int = 64, reps: int = 3,
+                     greedy: bool = False) -> list[float]:
         """Seconds of a compiled verify of width 1..max_width for `batch` rows over `context` columns (median
         of `reps` after a warm-up; index 0 unused), compiling the graphs on first use. The first time, one
-        eager verify checks that it reaches every layer's attention. Kept: a second call returns the same."""
-        if (batch, max_width) in self._costs:
-            return self._costs[(batch, max_width)]
+        eager verify checks that it reaches every layer's attention. Kept: a second call returns the same.
+        greedy: what a greedy loop runs, width 1 through the one-token step (`pick`, per-row columns) and
+        wider ones through `verify_greedy`."""
+        if (batch, max_width, greedy) in self._costs:
+            return self._costs[(batch, max_width, greedy)]
         cfg = self.model.config.get_text_config()
         p = self.model.get_input_embeddings().weight
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -438,8 +503,19 @@ class CompiledDecoder:
             self._verify_checked = True
         for k in (*buf.keys, *buf.values):
             k.zero_()
-        cost = width_times(lambda w: self.verify(buf, ids[:, :w], pos[:, :w], col), max_width, reps, p.device)
-        self._costs[(batch, max_width)] = cost
+        eos_mask, pad_t = self.step_masks([], 0, p.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=p.device)
+        allow = torch.ones(batch, 1, dtype=torch.bool, device=p.device)
+
+        def run(w):
+            if greedy and w == 1:
+                return self.pick(self.run_step, buf, _fresh(ids[:, :1]), _fresh(pos[:, :1]), col, finished, eos_mask, pad_t, allow)
+            if greedy:
+                return self.verify_greedy(buf, ids[:, :w], pos[:, :w], col, eos_mask, allow.expand(batch, w))
+            return self.verify(buf, ids[:, :w], pos[:, :w], col)
+
+        cost = width_times(run, max_width, reps, p.device)
+        self._costs[(batch, max_width, greedy)] = cost
         return cost
 
     def has_room_for(self, batch: int, columns: int) -> bool:
@@ -480,6 +556,23 @@ class CompiledDecoder:
             self.stats.compile_seconds += time.perf_counter() - t
         return out
 
+    def pick(self, step, buf: DecodeBuffers, tok, positions, col, finished, eos_mask, pad_t, allow):
+        """One greedy step: (next tokens [B, 1], finished [B]). A certified-head pick whose bound could not rule
+        out another token is redone through the fp32 head."""
+        nxt, now, checked, h = step(tok, positions, buf.keys, buf.values, col, buf.valid, finished, eos_mask,
+                                    pad_t, allow)
+        if checked is not None and not bool(checked.all()):
+            head = self.model.get_output_embeddings()
+            nxt, now = self._choose(head(h[:, None])[:, -1].float(), finished, eos_mask, pad_t, allow)
+            self.stats.head_fallbacks += 1
+        return nxt, now
+
+    def step_masks(self, eos: list[int], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eos [V'] bool over the vocabulary, pad 0-d): the step's fixed-shape EOS and pad inputs."""
+        eos_mask = torch.zeros(max(self.vocab, pad + 1, *(e + 1 for e in eos)), dtype=torch.bool, device=device)
+        eos_mask[torch.tensor(eos, dtype=torch.long, device=device)] = True
+        return eos_mask, torch.tensor(pad, dtype=torch.long, device=device)
+
     def decode(self, buf: DecodeBuffers, first: torch.Tensor, length: int, positions: torch.Tensor,
                new_tokens: int, min_new: int, eos: list[int], pad: int, step=None, streamer=None) -> torch.Tensor:
         """Continue from the prompt's `length` columns in `buf`: first [B, 1] is the token chosen after the
@@ -488,9 +581,7 @@ class CompiledDecoder:
         step = step or self.run_step
         device = first.device
         eos_t = torch.tensor(eos, dtype=torch.long, device=device)
-        eos_mask = torch.zeros(max(self.vocab, pad + 1, *(e + 1 for e in eos)), dtype=torch.bool, device=device)
-        eos_mask[eos_t] = True
-        pad_t = torch.tensor(pad, dtype=torch.long, device=device)
+        eos_mask, pad_t = self.step_masks(eos, pad, device)
         finished = eos_mask[first[:, 0]]
         tok, positions = _fresh(first), _fresh(positions)
         col = torch.tensor([length], device=device)
@@ -501,13 +592,7 @@ class CompiledDecoder:
             if eos and (streamer is not None or i % CHECK_EVERY == 0) and bool(finished.all()):
                 break
             allow = allow_eos[i + 1 >= min_new]
-            nxt, now, checked, h = step(tok, positions, buf.keys, buf.values, col, buf.valid, finished, eos_mask,
-                                        pad_t, allow)
-            if checked is not None and not bool(checked.all()):       # the bound could not rule out a token
-                head = self.model.get_output_embeddings()
-                nxt, now = self._choose(head(h[:, None])[:, -1].float(), finished, eos_mask, pad_t, allow)
-                self.stats.head_fallbacks += 1
-            tok, finished = nxt, now
+            tok, finished = self.pick(step, buf, tok, positions, col, finished, eos_mask, pad_t, allow)
             out.append(tok)
             if streamer is not None:
                 streamer.put(tok[:, 0].cpu())
@@ -715,15 +800,7 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
 
     def apply(rw) -> None:
         decoder = _install_decoder(rw, model, c.mode, c.cpp_wrapper)
-        if c.certified_head:
-            from .certified_head import build
-
-            decoder.certified, label = build(model)
-            if decoder.certified is not None:
-                rw.set_attr(model, "hfaccel_certified_head", decoder.certified,
-                            target="lm_head (compiled greedy steps)", label=label)
-            elif label:
-                notes.append(f"certified bf16 head not used: {label}")
+        _attach_certified_head(rw, model, decoder, c, notes)
         if c.warmup:
             decoder.stats.warmup_seconds = decoder.warm_up()
         rw.set_attr(model, "hfaccel_compile_stats", decoder.stats, target="hfaccel_compile_stats",
@@ -737,6 +814,20 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
 
     return Plan("compile", apply, f"compiled greedy decode step, buckets of {BUCKET} columns "
                                   f"(torch.compile mode={c.mode})", notes)
+
+
+def _attach_certified_head(rw, model: nn.Module, decoder: CompiledDecoder, c, notes: list[str]) -> None:
+    """compile.certified_head: greedy steps pick through a bf16 copy of the head, checked (certified_head.py)."""
+    if not c.certified_head:
+        return
+    from .certified_head import build
+
+    decoder.certified, label = build(model)
+    if decoder.certified is not None:
+        rw.set_attr(model, "hfaccel_certified_head", decoder.certified,
+                    target="lm_head (compiled greedy steps)", label=label)
+    elif label:
+        notes.append(f"certified bf16 head not used: {label}")
 
 
 def _install_decoder(rw, model: nn.Module, mode: str, cpp_wrapper: bool = False) -> CompiledDecoder:
@@ -780,11 +871,12 @@ def _plan_compiled_verify(model: nn.Module, cfg) -> Plan:
 
     def apply(rw) -> None:
         decoder = _install_decoder(rw, model, c.mode, c.cpp_wrapper)
+        _attach_certified_head(rw, model, decoder, c, notes)
         draft = model.__dict__.get("hfaccel_draft")
         draft_decoder = _draft_decoder(rw, draft, cfg, c.mode)
         if c.warmup:
             t = time.perf_counter()
-            decoder.verify_costs(1, width)
+            decoder.verify_costs(1, width, greedy=True)
             if draft_decoder is not None:
                 draft_decoder.verify_costs(1, 2)
             decoder.stats.warmup_seconds = time.perf_counter() - t

@@ -150,3 +150,36 @@ def test_certifies_every_position_of_real_text_on_the_default_model(default_mode
     token, checked = cert.pick(h, torch.zeros(cert.weight.shape[0], dtype=torch.bool))
     assert checked.all()
     assert torch.equal(token, want)
+
+
+@pytest.mark.parametrize("unchecked", [False, True])
+def test_speculative_verify_picks_through_the_certified_head(always_used, monkeypatch, unchecked):
+    """Under speculative decoding the compiled greedy verify (any width) and the one-token step pick through
+    the certified head too; a pick that fails its check is redone with the fp32 head. Tokens stay greedy's,
+    EOS and min_new_tokens included."""
+    from tests.test_speculative import batch
+
+    if unchecked:
+        real = CertifiedHead.pick
+
+        def wrong_and_unchecked(self, h, blocked):
+            token, _ = real(self, h, blocked)
+            return (token + 1) % self.weight.shape[0], torch.zeros_like(token, dtype=torch.bool)
+
+        monkeypatch.setattr(CertifiedHead, "pick", wrong_and_unchecked)
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    hfaccel.accelerate_model(model, speculative={"draft": "prompt-lookup", "num_draft_tokens": 4, "adaptive": False},
+                             compile={"enabled": True})
+    assert "hfaccel_certified_head" in model.__dict__
+    ids, mask = batch(ref.config.vocab_size, 4)
+    free = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    eos = int(free[2, ids.shape[1] + 5])
+    before, steps = model.hfaccel_compile_stats.head_fallbacks, 0
+    for kw in ({}, {"eos_token_id": eos, "min_new_tokens": 8}):
+        kw = {"attention_mask": mask, "max_new_tokens": 24, "do_sample": False, "pad_token_id": 0, **kw}
+        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw)), kw
+        last = model.hfaccel_spec_stats.last
+        assert last["accepted"] > 0 and last["undrafted_steps"] < last["steps"], last
+        steps += last["steps"]
+    if unchecked:                     # every step (one-token or verify) redid its picks once
+        assert model.hfaccel_compile_stats.head_fallbacks - before == steps

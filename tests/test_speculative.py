@@ -260,13 +260,30 @@ def test_policy_pads_to_the_cheapest_width_and_adapts():
     assert pol.choose_k(100) == 5                 # class 0 unaffected
     assert DraftPolicy(5, adaptive=False, cost=cost).choose_k(100) == 5
     asked = []
-    pol = DraftPolicy(5, adaptive=True, cost=cost, measure=lambda b, compiled=None: (asked.append(b), ([0] + [b * 1.0] * 6, 0.1))[1])
+    pol = DraftPolicy(5, adaptive=True, cost=cost, measure=lambda b, compiled=None, greedy=True: (asked.append(b), ([0] + [b * 1.0] * 6, 0.1))[1])
     for b in (1, 3, 4, 2, 9, 40, 3):
         pol.use_batch(b)
     assert asked == [4, 2, 16] and pol.cost[1] == 4.0       # buckets 1, 2, 4, 8, 16+, each measured once
 
 
 # ---------------------------------------------------------------------------------------------- config
+
+def test_free_drafts_choose_one_verify_width_for_the_whole_batch():
+    """A verify costs its width for every row: one good match among four rows does not pay for a width that
+    costs twice the one-token step, two do; at batch 1 the same match does. Probes come per step, not per row."""
+    pol = DraftPolicy(10, adaptive=True, cost=[0, 1.0] + [2.0] * 11)
+    pol.alpha[3] = 0.9
+    assert pol.plan_rows([5, 0, 0, 0], [3, None, None, None], live=4) == [0, 0, 0, 0]
+    assert pol.plan_rows([5, 7, 0, 0], [3, 3, None, None], live=4) == [5, 7, 0, 0]
+    assert pol.plan_rows([9, 2, 0, 0], [3, 3, None, None], live=4) == [9, 2, 0, 0]
+    one = DraftPolicy(10, adaptive=True, cost=[0, 1.0] + [1.4] * 11)
+    one.alpha[3] = 0.9
+    assert one.plan_rows([5], [3], live=1) == [5]
+    assert DraftPolicy(10, adaptive=False, cost=[0, 1.0] + [2.0] * 11).plan_rows([5, 0], [3, None], live=2) == [5, 0]
+    pol.alpha[1] = 0.05                                # a class that never pays: probed after 4, 8, then 16 steps
+    drafted = [i for i in range(40) if any(pol.plan_rows([4, 4, 4, 4], [1, 1, 1, 1], live=4))]
+    assert drafted == [3, 11, 27], drafted
+
 
 def test_bad_drafts_are_refused_before_any_change(tmp_path):
     model = models.tiny("llama")
@@ -322,6 +339,32 @@ def test_compiled_verify_step_is_token_exact_without_recompiling(draft, tmp_path
     hfaccel.revert_model(model)
     assert "hfaccel_compiled_verify" not in model.__dict__ and model.config._attn_implementation == \
         ref.config._attn_implementation
+
+
+def test_compiled_greedy_step_takes_the_steps_no_row_drafts(tmp_path):
+    """A step in which no row drafts runs the compiled one-token step, each row at its own column (rows have
+    accepted different numbers of drafts before it), EOS and min_new_tokens per row: still greedy's tokens."""
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    hfaccel.accelerate_model(model, speculative={"draft": "prompt-lookup", "adaptive": False, "num_draft_tokens": 3},
+                             compile={"enabled": True, "certified_head": False})
+    draft = model.hfaccel_draft
+    propose, calls = draft.propose, []
+
+    def every_other_step(state, k, done, sampling=None):        # no row drafts on every second step
+        drafts, lengths, q = propose(state, k, done, sampling)
+        calls.append(1)
+        return drafts, lengths * (len(calls) % 2), q
+
+    draft.propose = every_other_step
+    ids, mask = batch(ref.config.vocab_size, 4)
+    free = ref.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    eos = int(free[1, ids.shape[1] + 9])
+    for kw in ({}, {"eos_token_id": eos}, {"eos_token_id": eos, "min_new_tokens": 12}):
+        kw = {"attention_mask": mask, "max_new_tokens": 30, "do_sample": False, "pad_token_id": 5, **kw}
+        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw)), kw
+        last = model.hfaccel_spec_stats.last
+        assert last["undrafted_steps"] >= 3 and last["accepted"] > 0, last
+    assert model.hfaccel_compile_stats.compiled_calls == 3 and model.hfaccel_compile_stats.fallback_calls == 0
 
 
 @pytest.mark.parametrize("draft", ["layer-skip:1", "self-int4", "draft_model"])

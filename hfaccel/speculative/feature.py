@@ -291,14 +291,14 @@ def plan_speculative(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
         max_k = max_draft_tokens(spec)
         stats = SpecStats()
 
-        def measure(batch: int, compiled=None) -> tuple[list[float], float]:
+        def measure(batch: int, compiled=None, greedy: bool = True) -> tuple[list[float], float]:
             reps = 3 if batch == 1 else 2
             draft_cost = 0.0
             if isinstance(draft, ModelDraft):     # a compiled draft (compile stage) when the verify is compiled too
                 draft_cost = (compiled is not None and draft.token_cost(batch, reps)) or \
                     measure_widths(draft.model, 1, reps=reps, batch=batch)[1]
             if compiled is not None:              # the compile stage's verify step (hfaccel.compile)
-                return compiled.verify_costs(batch, max_k + 1, reps=reps), draft_cost
+                return compiled.verify_costs(batch, max_k + 1, reps=reps, greedy=greedy), draft_cost
             return measure_widths(model, max_k + 1, reps=reps, batch=batch), draft_cost
 
         cost, draft_cost = measure(1)

@@ -14,6 +14,10 @@ hole that its attention mask hides (the way left padding is hidden). Each step:
    rest stay as holes in the rows that rejected them.
 
 Rows stop on their own EOS or token budget and then only carry padding; the loop ends when all have.
+
+Under a compiled verify (compile.enabled) a greedy step in which no row drafts runs the compiled one-token
+step instead (each row at its own buffer column; the certified bf16 head where the compile stage built one),
+so a draft that does not pay costs what plain compiled decoding costs, not a width-1 verify with full logits.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class SpecStats:
     accepted: int = 0                # of those, accepted
     emitted: int = 0                 # tokens emitted by verify steps, over live rows
     row_steps: int = 0               # (verify step, live row) pairs
+    undrafted_steps: int = 0         # of the steps, those in which no row drafted (the compiled greedy step
+                                     # under a compiled verify)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     calibration_seconds: float = 0.0   # verify cost tables measured at the first call of a batch size
@@ -127,7 +133,8 @@ class DraftPolicy:
     far from linear (small-M matmuls: widths 2-3 can cost more than 4-8). Adaptive: a draft of k tokens is
     worth E(k) / (cost[k + 1] + k * draft_cost) tokens per second, E(k) = 1 + a + ... + a^k, with `a` the
     acceptance estimate of its class (model drafts: one class; prompt lookup: the length of the n-gram that
-    matched, since a 3-gram match continues far more often than a 1-gram one). `a` is the geometric-model
+    matched, since a 3-gram match continues far more often than a 1-gram one; `plan_rows` weighs the whole
+    batch, whose rows share one verify width). `a` is the geometric-model
     estimate accepted / (accepted + rejections), smoothed. k = 0 (plain decode) wins while drafting does not
     pay; a class is still probed after 4, 8, then every 16 such steps. A verify is padded up to the cheapest
     width at least as wide as the proposals (padding is never accepted). Fixed: always k = max_k.
@@ -143,24 +150,26 @@ class DraftPolicy:
         # counts the same and the draft's time is left out
         self.cost = list(cost) if cost else [1.0] * (max_k + 2)
         self.draft_cost = draft_cost if cost else 0.0
-        # measure(batch) -> (cost, draft_cost): verify cost depends on batch x width (the matmuls' M), so
-        # each batch bucket (1, 2, 4, 8, 16+) gets its own table, measured at its first call
-        # measure(batch, compiled) -> (cost, draft_cost); a compiled verify step (hfaccel.compile) has its own
+        # measure(batch, compiled, greedy) -> (cost, draft_cost): verify cost depends on batch x width (the
+        # matmuls' M), so each batch bucket (1, 2, 4, 8, 16+) gets its own table, measured at its first call;
+        # a compiled verify step (hfaccel.compile) has its own, and there greedy width 1 is the greedy step
         self.measure = measure
-        self.tables: dict[tuple, tuple[list[float], float]] = {(False, 1): (self.cost, self.draft_cost)} if cost else {}
+        self.tables: dict[tuple, tuple[list[float], float]] = \
+            {(False, 1, True): (self.cost, self.draft_cost)} if cost else {}
         self.measure_seconds = 0.0
         self.prior = prior
         self.alpha: dict = {}
         self.idle: dict = {}
         self.interval: dict = {}
 
-    def use_batch(self, batch: int, compiled=None) -> None:
+    def use_batch(self, batch: int, compiled=None, greedy: bool = True) -> None:
         if self.measure is None:
             return
-        key = (compiled is not None, min(16, 1 << max(0, batch - 1).bit_length()))
+        greedy = greedy or compiled is None              # eager: one table for both
+        key = (compiled is not None, min(16, 1 << max(0, batch - 1).bit_length()), greedy)
         if key not in self.tables:
             t = time.perf_counter()
-            self.tables[key] = self.measure(key[1], compiled)
+            self.tables[key] = self.measure(key[1], compiled, greedy)
             self.measure_seconds += time.perf_counter() - t
         self.cost, self.draft_cost = self.tables[key]
 
@@ -187,6 +196,55 @@ class DraftPolicy:
                 self.interval[cls] = min(self.interval.get(cls, self.PROBE_EVERY) * 2, self.MAX_INTERVAL)
                 k = self._best(top, self.prior) or 1
         return k
+
+    def _rate(self, w: int, lengths: list[int], classes: list, alpha: dict, live: int) -> float:
+        """Expected tokens per second of a verify of width w: every live row gains 1 token, a row with a
+        proposal of length ln gains E(min(ln, w - 1)) with its class's acceptance."""
+        gain = live
+        for ln, c in zip(lengths, classes):
+            if ln and w > 1:
+                a = min(max(alpha[c], 0.0), 0.99)
+                gain += (1 - a ** (min(ln, w - 1) + 1)) / (1 - a) - 1
+        return gain / self.cost[min(w, len(self.cost) - 1)]
+
+    def _best_width(self, lengths, classes, alpha, live) -> int:
+        best, best_rate = 1, 0.0
+        for w in range(1, max(lengths) + 2):
+            rate = self._rate(w, lengths, classes, alpha, live)
+            if rate > best_rate * 1.0001:
+                best, best_rate = w, rate
+        return best
+
+    def plan_rows(self, lengths: list[int], classes: list, live: int) -> list[int]:
+        """Per-row draft lengths for one step of a free draft (prompt lookup: each row's proposal, its class
+        the n-gram length that matched). One verify serves the whole batch and its width sets the cost for
+        every row, so the step takes the width with the best expected tokens per second summed over the live
+        rows, and every row drafts as far as that width allows (a row's shorter proposal adds nothing to the
+        cost). Deciding per row instead drafted whenever any one row's match paid for itself: at batch 4 on
+        a 2-core CPU a width-2+ verify costs ~2x the one-token step, so that lost to plain decoding.
+        Probes are counted per step and class: a class idle for its interval gets the prior for one step."""
+        if not self.adaptive or not any(lengths):
+            return lengths
+        present = {c for ln, c in zip(lengths, classes) if ln}
+        alpha = {c: self.alpha.get(c, self.prior) for c in present}
+        w = self._best_width(lengths, classes, alpha, live)
+        if w == 1:
+            due = []
+            for c in present:
+                self.idle[c] = self.idle.get(c, 0) + 1
+                if self.idle[c] >= self.interval.get(c, self.PROBE_EVERY):
+                    due.append(c)
+            for c in due:
+                self.idle[c] = 0
+                self.interval[c] = min(self.interval.get(c, self.PROBE_EVERY) * 2, self.MAX_INTERVAL)
+                alpha[c] = self.prior
+            if due:
+                w = max(2, self._best_width(lengths, classes, alpha, live))
+        else:
+            for c in present:
+                self.idle[c] = 0
+                self.interval[c] = self.PROBE_EVERY
+        return [min(ln, w - 1) for ln in lengths]
 
     def width(self, needed: int) -> int:
         """The cheapest verify width >= needed (ties: the narrowest)."""
@@ -222,6 +280,16 @@ class Verifier:
         self.stats.target_seconds += time.perf_counter() - t
         return logits
 
+    def _greedy_step(self, ids, positions, done, allow_eos) -> torch.Tensor:
+        """The next token [B] of every row through the compiled one-token step, each row at its own column."""
+        from ..compile import _fresh
+
+        t = time.perf_counter()
+        nxt, _ = self.compiled.pick(self.compiled.run_step, self.buf, _fresh(ids), _fresh(positions), self.col,
+                                    done, self.eos_mask, self.pad_t, allow_eos[:, None])
+        self.stats.target_seconds += time.perf_counter() - t
+        return nxt[:, 0]
+
     def _forward(self, ids, mask, positions, keep: int | None = None):
         t = time.perf_counter()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_arg(self.model, self.cache),
@@ -245,7 +313,7 @@ class Verifier:
         eos_t = torch.tensor(eos or [-1], device=dev)
         steps0, drafted0, accepted0, emitted0, rows0 = (stats.steps, stats.drafted, stats.accepted, stats.emitted,
                                                       stats.row_steps)
-        d0, t0 = stats.draft_seconds, stats.target_seconds
+        d0, t0, undrafted0 = stats.draft_seconds, stats.target_seconds, stats.undrafted_steps
 
         def suppress_eos(logits, produced):             # min_new_tokens: no EOS before the minimum
             if eos and min_new:
@@ -268,9 +336,10 @@ class Verifier:
             # a row's columns end at most max_k past its budget, and a verify writes max_k + 1 beyond that
             room = new + 2 * (self.policy.max_k + 1)
             if self.compiled.has_room_for(b, columns_for(p, room)):
-                policy.use_batch(b, self.compiled)            # first: measuring runs the compiled step
+                policy.use_batch(b, self.compiled, self.sampling is None)   # first: measuring runs the step
                 self.buf = self.compiled.load_prefill(self.cache, p, cols, room)
                 self.col = torch.full((b,), p, dtype=torch.long, device=dev)
+                self.eos_mask, self.pad_t = self.compiled.step_masks(eos, pad, dev)
                 self.compiled.stats.compiled_calls += 1
             else:
                 self.compiled.stats.fallback_calls += 1
@@ -294,9 +363,9 @@ class Verifier:
             drafts, lengths, q = self.draft.propose(state, kk, done, self.sampling)
             lengths = torch.where(done, 0, lengths)
             classes = getattr(self.draft, "classes", None) if free else None
-            if classes is not None:           # per row: draft only as far as its match class pays
-                lengths = torch.tensor([min(int(ln), policy.choose_k(int(ln) + 1, c)) if ln else 0
-                                        for ln, c in zip(lengths.tolist(), classes)], device=dev)
+            if classes is not None:           # per row, as far as the batch's best verify width allows
+                lengths = torch.tensor(policy.plan_rows(lengths.tolist(), classes, int((~done).sum())),
+                                       device=dev)
             spent = time.perf_counter() - t
             stats.draft_seconds += spent
             need = int(lengths.max()) if lengths.numel() else 0    # the longest proposal...
@@ -310,18 +379,32 @@ class Verifier:
             step_ids = torch.cat([state.last[:, None], drafts], dim=1)                       # [B, kk + 1]
             step_mask = torch.cat([state.cols, torch.ones(b, kk + 1, dtype=torch.bool, device=dev)], dim=1)
             step_pos = state.cols.sum(1, keepdim=True) + torch.arange(kk + 1, device=dev)   # next positions
-            logits = self._verify(step_ids, step_mask, step_pos)                             # [B, kk + 1, V]
-            logits = suppress_eos(logits, produced[:, None] + torch.arange(kk + 1, device=dev))
-            if self.sampling is None:
-                target = logits.argmax(-1)
+            if kk == 0 and self.buf is not None and self.sampling is None:
+                # no row drafts: the compiled greedy step (one token, EOS rule and certified head in the graph)
+                n = torch.zeros(b, dtype=torch.long, device=dev)
+                nxt = self._greedy_step(step_ids, step_pos, done, produced >= min_new)
+            elif self.buf is not None and self.sampling is None:
+                # compiled greedy verify: the picks come out of the graph, the logits never do
+                t = time.perf_counter()
+                allow = (produced[:, None] + torch.arange(kk + 1, device=dev)) >= min_new
+                target = self.compiled.verify_greedy(self.buf, step_ids, step_pos, self.col, self.eos_mask, allow)
+                stats.target_seconds += time.perf_counter() - t
                 n = accept_greedy(target, drafts, lengths)
                 nxt = target.gather(1, n[:, None])[:, 0]
             else:
-                n, nxt = accept_sampled(self.sampling.probs(logits), q, drafts, lengths)
+                logits = self._verify(step_ids, step_mask, step_pos)                         # [B, kk + 1, V]
+                logits = suppress_eos(logits, produced[:, None] + torch.arange(kk + 1, device=dev))
+                if self.sampling is None:
+                    target = logits.argmax(-1)
+                    n = accept_greedy(target, drafts, lengths)
+                    nxt = target.gather(1, n[:, None])[:, 0]
+                else:
+                    n, nxt = accept_sampled(self.sampling.probs(logits), q, drafts, lengths)
             emitted = torch.cat([drafts, nxt[:, None]], dim=1)
             emitted.scatter_(1, n[:, None], nxt[:, None])                                   # drafts[:n], then nxt
             live = ~done
             stats.steps += 1
+            stats.undrafted_steps += kk == 0
             stats.row_steps += int(live.sum())
             stats.drafted += int(lengths[live].sum())
             stats.accepted += int(n[live].sum())
@@ -369,7 +452,8 @@ class Verifier:
             result[r, :len(o)] = torch.tensor(o, dtype=ids.dtype)
         drafted, accepted = stats.drafted - drafted0, stats.accepted - accepted0
         stats.last = {
-            "steps": stats.steps - steps0, "drafted": drafted, "accepted": accepted,
+            "steps": stats.steps - steps0, "undrafted_steps": stats.undrafted_steps - undrafted0,
+            "drafted": drafted, "accepted": accepted,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "tokens_per_target_forward": ((stats.emitted - emitted0) / (stats.row_steps - rows0)
                                           if stats.row_steps > rows0 else 0.0),
