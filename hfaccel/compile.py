@@ -267,11 +267,22 @@ def why_not(model: nn.Module, kwargs: dict) -> str | None:
         lead = (~m).int().cumprod(dim=1).sum(dim=1)
         if not bool((lead + m.sum(dim=1) == m.shape[1]).all()) or bool((lead == m.shape[1]).any()):
             return "attention_mask is not left padding"
-    else:
-        _, pad = _eos_and_pad(model, kwargs)
-        if bool((ids == pad).any()):          # generate() would infer a mask from the pad token
-            return "pad token in the prompt without an attention_mask"
+    elif inferred_mask(model, kwargs) is not None:      # callers pass the mask generate() would infer
+        return "pad token in the prompt without an attention_mask"
     return None
+
+
+def inferred_mask(model, kwargs: dict) -> torch.Tensor | None:
+    """The attention mask generate() infers for a call without one: ids != pad when the pad token is set,
+    occurs in the prompt and is not an EOS token (else all ones, returned as None)."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs"))
+    pad = _setting(model, kwargs, "pad_token_id")
+    if pad is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    eos, _ = _eos_and_pad(model, kwargs)
+    if int(pad) in eos or not bool((ids == int(pad)).any()):
+        return None
+    return ids.ne(int(pad)).long()
 
 
 def _eos_and_pad(model, kwargs) -> tuple[list[int], int]:
@@ -705,6 +716,12 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
         if given is None:
             return original(*args, **kwargs)          # let generate() report the bad call itself
         check_prompt(given, model.device)
+        if given.get("inputs") is not None and given.get("input_ids") is None:
+            given["input_ids"] = given.pop("inputs")
+        if given.get("attention_mask") is None and isinstance(given.get("input_ids"), torch.Tensor):
+            mask = inferred_mask(model, given)          # what generate() infers from pad tokens, made explicit
+            if mask is not None:
+                given["attention_mask"] = mask
         reason = why_not(model, given)
         if reason is not None:
             return fallback(reason, args, kwargs)

@@ -129,6 +129,28 @@ def test_why_not_names_the_setting():
         "pad token in the prompt without an attention_mask"
 
 
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_pad_tokens_in_a_prompt_without_a_mask_decode_compiled_as_generate_reads_them(pad_is_eos):
+    """No attention_mask and the pad token in the prompt: generate() infers ids != pad, unless the pad token
+    is an EOS token (chat prompts of SmolLM2, whose pad and EOS are both <|im_end|>), where it attends to all
+    of them. The compiled step runs either way, with the mask generate() would use."""
+    model, ref, _ = compiled("llama")
+    pad = 0
+    eos = pad if pad_is_eos else 1
+    ids = prompts(ref.config.vocab_size, batch=1, length=12)
+    ids[0, 4] = pad                                           # inside the prompt, as a chat template's <|im_end|>
+    left = torch.cat([torch.full((1, 3), pad), prompts(ref.config.vocab_size, batch=1, length=9)], dim=1)
+    for x in (ids, left):
+        kw = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": pad,
+              "eos_token_id": eos}
+        assert torch.equal(model.generate(x, **kw), ref.generate(x, **kw))
+    stats = model.hfaccel_compile_stats
+    if pad_is_eos:
+        assert stats.compiled_calls == 2 and stats.fallback_calls == 0
+    else:                             # ids != pad with a pad inside the prompt is not left padding
+        assert stats.compiled_calls == 1 and dict(stats.fallback_reasons) == {"attention_mask is not left padding": 1}
+
+
 def test_longer_output_uses_a_larger_bucket():
     model, ref, _ = compiled("llama")
     ids = prompts(ref.config.vocab_size, batch=1, length=BUCKET - 10)

@@ -285,6 +285,27 @@ def test_free_drafts_choose_one_verify_width_for_the_whole_batch():
     assert drafted == [3, 11, 27], drafted
 
 
+def test_a_batch_size_where_no_draft_length_can_pay_does_not_start_the_draft(tmp_path, monkeypatch):
+    # the measured shape of SmolLM2 at batch 4 on 2 cores: verify widths cost 1.6-2.7x the one-token step
+    batch4 = DraftPolicy(5, adaptive=True, cost=[0, 13.8, 22.7, 25.6, 29.5, 34.7, 37.4], draft_cost=7.0)
+    batch1 = DraftPolicy(5, adaptive=True, cost=[0, 10.1, 13.6, 16.2, 13.2, 16.2, 17.8], draft_cost=4.0)
+    assert not batch4.worth_drafting() and batch1.worth_drafting()
+    batch4.alpha[0] = 0.995                      # a draft measured to agree almost always: worth it again
+    assert batch4.worth_drafting()
+    assert DraftPolicy(5, adaptive=False, cost=[0, 13.8, 22.7, 25.6, 29.5, 34.7, 37.4],
+                       draft_cost=7.0).worth_drafting()
+    model, ref, _ = accelerated("self-int8", tmp_path)
+    monkeypatch.setattr(DraftPolicy, "worth_drafting", lambda self, cls=0: False)
+    draft = model.hfaccel_draft
+    monkeypatch.setattr(draft, "begin", lambda state: pytest.fail("the draft was started"))
+    ids, mask = batch(ref.config.vocab_size, 4)
+    kw = {"attention_mask": mask, "max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+    stats = model.hfaccel_spec_stats
+    assert stats.undrafted_calls == 1 and stats.drafted == 0 and stats.last["drafting"] is False
+    assert stats.last["undrafted_steps"] == stats.last["steps"] == 15
+
+
 def test_bad_drafts_are_refused_before_any_change(tmp_path):
     model = models.tiny("llama")
     with pytest.raises(ConfigError, match=r"layer-skip:2' is not allowed for a model of 2 layers; allowed: "

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..cache.paged import PagedCache
 from ..compat import cache_arg, call_arguments, check_prompt
-from ..compile import _eos_and_pad, _new_token_budget, _setting, why_not, width_times
+from ..compile import _eos_and_pad, _new_token_budget, _setting, inferred_mask, why_not, width_times
 from ..errors import ConfigError
 from ..registry import Plan, register_feature
 from ..report import Skip
@@ -74,19 +74,6 @@ def eligibility(model, kwargs: dict) -> tuple[str | None, Sampling | None]:
         if ids.shape[0] != 1:
             reason = "a streamer with batch > 1"
     return reason, sampling
-
-
-def inferred_mask(model, kwargs: dict) -> torch.Tensor | None:
-    """The attention mask generate() infers for a call without one: ids != pad when the pad token is set,
-    occurs in the prompt and is not an EOS token (else all ones, returned as None)."""
-    ids = kwargs["input_ids"]
-    pad = _setting(model, kwargs, "pad_token_id")
-    if pad is None or ids.dim() != 2 or ids.is_floating_point():
-        return None
-    eos, _ = _eos_and_pad(model, kwargs)
-    if int(pad) in eos or not bool((ids == int(pad)).any()):
-        return None
-    return ids.ne(int(pad)).long()
 
 
 def _cache_for(model, ids: torch.Tensor, mask: torch.Tensor | None):

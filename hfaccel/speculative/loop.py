@@ -43,6 +43,8 @@ class SpecStats:
     accepted: int = 0                # of those, accepted
     emitted: int = 0                 # tokens emitted by verify steps, over live rows
     row_steps: int = 0               # (verify step, live row) pairs
+    undrafted_calls: int = 0         # calls whose batch size the cost tables ruled drafting out for
+                                     # (DraftPolicy.worth_drafting): the draft was not started
     undrafted_steps: int = 0         # of the steps, those in which no row drafted (the compiled greedy step
                                      # under a compiled verify)
     draft_seconds: float = 0.0
@@ -142,6 +144,7 @@ class DraftPolicy:
 
     PROBE_EVERY = 4
     MAX_INTERVAL = 16
+    PROBE_CEILING = 0.9
 
     def __init__(self, max_k: int, adaptive: bool, cost: list[float] | None = None, draft_cost: float = 0.0,
                  prior: float = 0.7, measure=None):
@@ -181,6 +184,13 @@ class DraftPolicy:
             if rate > best_rate * 1.0001:
                 best, best_rate = k, rate
         return best
+
+    def worth_drafting(self, cls=0) -> bool:
+        """Whether any draft length can pay at this batch size's costs with an acceptance of 90% (or the class's
+        estimate, when higher). Where not (SmolLM2 at batch 4 on 2 cores: a width-2 verify costs 1.6x the
+        one-token step, a width-6 one 2.7x, and a model draft's token ~0.5x), a call does not start the draft
+        at all: no draft prefill, no probes, the one-token step throughout."""
+        return not self.adaptive or self._best(self.max_k, max(self.PROBE_CEILING, self.alpha.get(cls, 0.0))) > 0
 
     def choose_k(self, room: int, cls=0) -> int:
         top = max(0, min(self.max_k, room - 1))
@@ -352,15 +362,25 @@ class Verifier:
         state = DraftState(tokens=ids, cols=cols, positions=positions, last=last,
                            history=[row[m].tolist() + [int(t)] for row, m, t in zip(ids, cols, last)],
                            room=new + 2 * (policy.max_k + 1))
-        self.draft.begin(state)
         if self.buf is None:
             policy.use_batch(b)
+        free = self.draft.free
+        drafting = free or policy.worth_drafting()
+        if drafting:
+            t = time.perf_counter()
+            self.draft.begin(state)                       # a model draft prefills the prompt here
+            stats.draft_seconds += time.perf_counter() - t
+        else:
+            stats.undrafted_calls += 1
         while not bool(done.all()):
             room = int((new - produced)[~done].max())          # tokens the neediest live row may still take
-            free = self.draft.free
-            kk = min(policy.max_k, room - 1) if free else policy.choose_k(room)
+            kk = min(policy.max_k, room - 1) if free else (policy.choose_k(room) if drafting else 0)
             t = time.perf_counter()
-            drafts, lengths, q = self.draft.propose(state, kk, done, self.sampling)
+            if drafting:
+                drafts, lengths, q = self.draft.propose(state, kk, done, self.sampling)
+            else:
+                drafts, lengths, q = (torch.zeros(b, 0, dtype=torch.long, device=dev),
+                                      torch.zeros(b, dtype=torch.long, device=dev), None)
             lengths = torch.where(done, 0, lengths)
             classes = getattr(self.draft, "classes", None) if free else None
             if classes is not None:           # per row, as far as the batch's best verify width allows
@@ -436,7 +456,8 @@ class Verifier:
             state.cols = torch.cat([state.cols, new_cols], dim=1)
             state.positions = torch.cat([state.positions, step_pos[:, :keep]], dim=1)
             state.last = nxt
-            self.draft.commit(state)
+            if drafting:
+                self.draft.commit(state)
             rejected = (n < lengths) & live
             if classes is not None:
                 for r in torch.nonzero(lengths > 0).flatten().tolist():
@@ -445,14 +466,15 @@ class Verifier:
                 policy.observe(int(n[live].sum()), int(rejected.sum()))
         if streamer is not None:
             streamer.end()
-        self.draft.end()
+        if drafting:
+            self.draft.end()
         longest = max(len(o) for o in out)
         result = torch.full((b, longest), pad, dtype=ids.dtype, device=dev)
         for r, o in enumerate(out):
             result[r, :len(o)] = torch.tensor(o, dtype=ids.dtype)
         drafted, accepted = stats.drafted - drafted0, stats.accepted - accepted0
         stats.last = {
-            "steps": stats.steps - steps0, "undrafted_steps": stats.undrafted_steps - undrafted0,
+            "drafting": drafting, "steps": stats.steps - steps0, "undrafted_steps": stats.undrafted_steps - undrafted0,
             "drafted": drafted, "accepted": accepted,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "tokens_per_target_forward": ((stats.emitted - emitted0) / (stats.row_steps - rows0)
