@@ -104,7 +104,8 @@ def test_greedy_through_the_certified_head_equals_transformers(arch, always_used
     assert model.hfaccel_compile_stats.compiled_calls == 2
 
 
-def test_a_pick_that_fails_its_check_is_redone_with_the_fp32_head(always_used, monkeypatch):
+def picks_wrong_and_unchecked(monkeypatch) -> None:
+    """Every certified pick returns a wrong token and reports it unchecked: only the fp32 redo can be right."""
     real = CertifiedHead.pick
 
     def wrong_and_unchecked(self, h, blocked):
@@ -112,6 +113,10 @@ def test_a_pick_that_fails_its_check_is_redone_with_the_fp32_head(always_used, m
         return (token + 1) % self.weight.shape[0], torch.zeros_like(token, dtype=torch.bool)
 
     monkeypatch.setattr(CertifiedHead, "pick", wrong_and_unchecked)
+
+
+def test_a_pick_that_fails_its_check_is_redone_with_the_fp32_head(always_used, monkeypatch):
+    picks_wrong_and_unchecked(monkeypatch)
     model, ref = models.tiny("llama"), models.tiny("llama")
     hfaccel.accelerate_model(model, compile={"enabled": True})
     ids, mask = left_padded(ref.config.vocab_size)
@@ -160,13 +165,7 @@ def test_speculative_verify_picks_through_the_certified_head(always_used, monkey
     from tests.test_speculative import batch
 
     if unchecked:
-        real = CertifiedHead.pick
-
-        def wrong_and_unchecked(self, h, blocked):
-            token, _ = real(self, h, blocked)
-            return (token + 1) % self.weight.shape[0], torch.zeros_like(token, dtype=torch.bool)
-
-        monkeypatch.setattr(CertifiedHead, "pick", wrong_and_unchecked)
+        picks_wrong_and_unchecked(monkeypatch)
     model, ref = models.tiny("llama"), models.tiny("llama")
     hfaccel.accelerate_model(model, speculative={"draft": "prompt-lookup", "num_draft_tokens": 4, "adaptive": False},
                              compile={"enabled": True})
