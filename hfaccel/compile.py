@@ -378,7 +378,7 @@ class CompiledDecoder:
         self._gfn = torch.compile(_own_code(self._verify_greedy), fullgraph=True, dynamic=False,
                                   backend=_counting_backend(self.stats, mode, self.cpp_wrapper), options=options)
         self._verify_checked = False
-        self._costs: dict[tuple[int, int], list[float]] = {}
+        self._costs: dict[tuple[int, int, bool], list[float]] = {}     # (batch, max width, greedy)
         self.certified = None         # a CertifiedHead: set before the first compile, read when tracing
 
     @staticmethod
@@ -409,8 +409,6 @@ class CompiledDecoder:
         nxt = torch.where(finished, pad, token)
         return nxt[:, None], finished | eos[nxt], checked, h
 
-    # tokens, position_ids: [B, W]; col: [B] buffer column of each row's first token (rows advance on their
-    # own); valid: [B, T]. Returns the logits of every token, [B, W, V] float.
     @staticmethod
     def _columns(tokens, keys, values, col, valid):
         """hfaccel_verify's (keys, values, where [B, W], allowed [B, W, T]) for tokens [B, W] at col [B]."""
@@ -419,6 +417,8 @@ class CompiledDecoder:
         allowed = valid[:, None, :] & (torch.arange(t, device=col.device) <= where[:, :, None])
         return keys, values, where, allowed
 
+    # tokens, position_ids: [B, W]; col: [B] buffer column of each row's first token (rows advance on their
+    # own); valid: [B, T]. Returns the logits of every token, [B, W, V] float.
     def _verify(self, tokens, position_ids, keys, values, col, valid):
         out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False,
                          hfaccel_verify=self._columns(tokens, keys, values, col, valid))
