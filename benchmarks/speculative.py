@@ -152,6 +152,13 @@ def main() -> None:
                 ds, ts = f"{stats.draft_seconds - st0[4]:.2f}", f"{stats.target_seconds - st0[5]:.2f}"
             print(f"| {kind} | {bs} | {name} | {rate:.1f} | {speed} | {vs_plain} | {acc} | {tpf} | {ds} | {ts} | "
                   f"{same / count:.1%} |", flush=True)
+    # a system that fell back to an eager loop is timed as that loop: say so (a chat prompt holding the pad
+    # token once made every batch-1 "compiled greedy" here eager, unnoticed)
+    for name, m in systems.items():
+        for attr in ("hfaccel_compile_stats", "hfaccel_spec_stats"):
+            st = m.__dict__.get(attr)
+            if st is not None and st.fallback_calls:
+                print(f"# {name}: {st.fallback_calls} call(s) fell back ({attr}): {dict(st.fallback_reasons)}")
 
 
 if __name__ == "__main__":
