@@ -176,11 +176,16 @@ class DraftPolicy:
             self.measure_seconds += time.perf_counter() - t
         self.cost, self.draft_cost = self.tables[key]
 
-    def _best(self, top: int, a: float) -> int:
+    @staticmethod
+    def expected_tokens(a: float, k: int) -> float:
+        """E(k) = 1 + a + ... + a^k: tokens a row gains from k drafts at acceptance a (clamped to 0..0.99)."""
         a = min(max(a, 0.0), 0.99)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def _best(self, top: int, a: float) -> int:
         best, best_rate = 0, 0.0
         for k in range(top + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (self.cost[min(k + 1, len(self.cost) - 1)] + k * self.draft_cost)
+            rate = self.expected_tokens(a, k) / (self.cost[min(k + 1, len(self.cost) - 1)] + k * self.draft_cost)
             if rate > best_rate * 1.0001:
                 best, best_rate = k, rate
         return best
@@ -213,8 +218,7 @@ class DraftPolicy:
         gain = live
         for ln, c in zip(lengths, classes):
             if ln and w > 1:
-                a = min(max(alpha[c], 0.0), 0.99)
-                gain += (1 - a ** (min(ln, w - 1) + 1)) / (1 - a) - 1
+                gain += self.expected_tokens(alpha[c], min(ln, w - 1)) - 1
         return gain / self.cost[min(w, len(self.cost) - 1)]
 
     def _best_width(self, lengths, classes, alpha, live) -> int:
