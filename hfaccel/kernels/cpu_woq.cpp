@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/SmallVector.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include "simd.h"
@@ -341,20 +342,28 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return as_output(y, x);
 }
 
+// The arguments of int4_mm (scale/zero pairs [G, N, 2], aten's layout) and int4_bf16_mm ([N, G, 2]: rows_first).
+void check_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz_, int64_t group_size,
+                const char* what, bool rows_first) {
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
+              what, ": group_size must be 32, 64 or 128, got ", group_size);
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              what, ": packed must be a contiguous uint8 [N, K / 2] matrix");
+  const int64_t N = packed.size(0), Kp = packed.size(1) * 2, G = Kp / group_size;
+  TORCH_CHECK(Kp % group_size == 0, what, ": packed has ", Kp, " columns of codes, not a multiple of group_size ",
+              group_size);
+  const int64_t d0 = rows_first ? N : G, d1 = rows_first ? G : N;
+  TORCH_CHECK(sz_.scalar_type() == at::kBFloat16 && sz_.is_contiguous() && sz_.dim() == 3 && sz_.size(0) == d0 &&
+              sz_.size(1) == d1 && sz_.size(2) == 2,
+              what, ": ", rows_first ? "szt" : "scales_zeros", " must be contiguous bfloat16 [", d0, ", ", d1,
+              ", 2]", rows_first ? " (each row's scale/zero pairs)" : "", ", got ", sz_.scalar_type(), " ", sz_.sizes());
+  check_x(x, Kp, what);
+}
+
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
                    int64_t group_size) {
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
-              "int4_mm: group_size must be 32, 64 or 128, got ", group_size);
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "int4_mm: packed must be a contiguous uint8 [N, K / 2] matrix");
+  check_int4(x, packed, scales_zeros, group_size, "int4_mm", false);
   const int64_t N = packed.size(0), Kp = packed.size(1) * 2, G = Kp / group_size;
-  TORCH_CHECK(Kp % group_size == 0, "int4_mm: packed has ", Kp, " columns of codes, not a multiple of group_size ", group_size);
-  const auto& sz_ = scales_zeros;
-  TORCH_CHECK(sz_.scalar_type() == at::kBFloat16 && sz_.is_contiguous() && sz_.dim() == 3 && sz_.size(0) == G &&
-              sz_.size(1) == N && sz_.size(2) == 2,
-              "int4_mm: scales_zeros must be contiguous bfloat16 [", G, ", ", N, ", 2], got ", sz_.scalar_type(), " ",
-              sz_.sizes());
-  check_x(x, Kp, "int4_mm");
   at::Tensor xf = as_rows(x);
   if (xf.size(1) < Kp) xf = at::constant_pad_nd(xf, {0, Kp - xf.size(1)});
   const int64_t M = xf.size(0);
@@ -390,6 +399,180 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     else if (group_size == 64) int4_small<64>(xp, xs.data(), M, Kp, pp, sz, G, yp, N);
     else int4_small<128>(xp, xs.data(), M, Kp, pp, sz, G, yp, N);
   }
+  return as_output(y, x);
+}
+
+// int4_bf16_mm: int4_mm's layout and arithmetic at decode sizes (M <= kSmallM) on CPUs with AVX-512 BF16, the
+// activations rounded to bf16 (as aten's packed kernels round them). The fp32 path above widens each code to an
+// fp32 lane (widen, mask or shift, convert: 3 ops for 16 codes) and was compute-bound at batch 1 (hot, 2 threads,
+// 1536x576 g64: 25 us, where int8_mm takes 16). Here 32 codes become 32 bf16 values (code - 8, exact) with one
+// table lookup (vpermw), and vdpbf16ps multiplies 32 of them with x per instruction, accumulating in fp32.
+//   Per 64 columns: 32 bytes of a row widen to 32 words, whose low nibbles are columns c..c+15 and c+32..c+47 and
+// high ones c+16..c+31, c+48..c+63 (pack_int4's order); x is laid out once per call in the same two orders. The
+// dot's lane l sums words 2l, 2l+1, so with groups of 32 lanes 0-7 belong to one group and 8-15 to the next.
+//   Per group, w = (code - 8) * s + z, so y = sum_g s_g * (x . (code - 8))_g + z_g * (sum of x)_g: the second
+// term as one more FMA with the per-lane sums of x (taken once per call with the same bf16 x).
+#if defined(__AVX512F__)
+#define HF_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// per epilogue unit u (a chunk of 64 columns for groups of 32 or 64, a group for 128): 16 lanes of scales and
+// zeros for row n (groups of 32: lanes 0-7 group 2u, 8-15 group 2u + 1, clamped at the last group). szt is
+// [N, G, 2] bf16, a row's pairs side by side: one broadcast load of a (scale, zero) pair, then a shift and a mask
+// make both fp32 vectors (bf16 is the top half of an fp32). With aten's [G, N, 2] layout and scalar conversions
+// this epilogue cost about as much as the 64 columns' arithmetic (hot, 512x4096: 148 / 107 / 90 us at groups of
+// 32 / 64 / 128, the same 2M weights).
+template <int GS>
+HF_BF16 inline void unit_scales(const at::BFloat16* szt, int64_t G, int64_t u, int64_t n, __m512& s, __m512& z) {
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(szt + n * G * 2);
+  __m512i v;
+  if constexpr (GS == 32) v = _mm512_mask_set1_epi32(_mm512_set1_epi32(pairs[2 * u]), 0xFF00,
+                                                    pairs[std::min<int64_t>(2 * u + 1, G - 1)]);
+  else v = _mm512_set1_epi32(pairs[u]);
+  s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+}
+
+// xb [MT][C][2][32] bf16 (each chunk's low-nibble and high-nibble orders), xs [MT][U][16] lane sums of x
+template <int MT, int NR, int GS>
+HF_BF16 inline void int4_bf16_block(const uint16_t* xb, const float* xs, int64_t C, int64_t Kp, const uint8_t* p,
+                                    const at::BFloat16* sz, int64_t G, float* y, int64_t N, int64_t n, __m512i table) {
+  constexpr int CPU = GS == 128 ? 2 : 1;                      // chunks per epilogue unit
+  const int64_t rs = Kp / 2, U = C / CPU;
+  const __m512i low = _mm512_set1_epi16(15);
+  __m512 acc[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < U; ++u) {
+    // two accumulators per row and unit, for the low and the high nibbles: one dependent chain of dots per row
+    // left the loop waiting on vdpbf16ps's latency
+    __m512 gacc[MT][NR], hacc[MT][NR];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < NR; ++r) gacc[m][r] = hacc[m][r] = _mm512_setzero_ps();
+    for (int cc = 0; cc < CPU; ++cc) {
+      const int64_t c = u * CPU + cc;
+      const bool whole = c * 64 + 64 <= Kp;                  // else the last 32 columns (Kp an odd multiple of 32)
+      __m512i xlo[MT], xhi[MT];
+      for (int m = 0; m < MT; ++m) {
+        xlo[m] = _mm512_loadu_si512(xb + (m * C + c) * 64);
+        xhi[m] = _mm512_loadu_si512(xb + (m * C + c) * 64 + 32);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* row = p + (n + r) * rs + c * 32;
+        _mm_prefetch((const char*)(row + NR * kPrefetchBlocks * rs), _MM_HINT_T0);
+        const __m256i raw = whole ? _mm256_loadu_si256((const __m256i*)row) : _mm256_maskz_loadu_epi8(0xFFFF, row);
+        const __m512i w = _mm512_cvtepu8_epi16(raw);
+        const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, low), table);
+        const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+        for (int m = 0; m < MT; ++m) {
+          gacc[m][r] = _mm512_dpbf16_ps(gacc[m][r], (__m512bh)xlo[m], lo);
+          hacc[m][r] = _mm512_dpbf16_ps(hacc[m][r], (__m512bh)xhi[m], hi);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      __m512 s, z;
+      unit_scales<GS>(sz, G, u, n + r, s, z);
+      for (int m = 0; m < MT; ++m)
+        acc[m][r] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + (m * U + u) * 16), z, _mm512_fmadd_ps(_mm512_add_ps(gacc[m][r], hacc[m][r]), s, acc[m][r]));
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int GS>
+HF_BF16 void int4_bf16_small(const at::Tensor& x2, int64_t M, int64_t Kp, const uint8_t* p, const at::BFloat16* sz,
+                             int64_t G, float* y, int64_t N) {
+  const int64_t K = x2.size(1), C = (Kp + 63) / 64, U = GS == 128 ? C / 2 : C;
+  // x in the two nibble orders, bf16, zeros past K; and the lane sums of that same bf16 x per unit
+  c10::SmallVector<uint16_t, 8 * 1536> xb(M * C * 64);
+  c10::SmallVector<float, 8 * 384> xs(M * U * 16);
+  c10::SmallVector<float, 1600> row(C * 64 + 64);
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
+  for (int64_t m = 0; m < M; ++m) {
+    std::fill(row.begin(), row.end(), 0.f);
+    if (x2.scalar_type() == at::kFloat) {
+      std::copy_n(x2.data_ptr<float>() + m * K, K, row.begin());
+    } else {
+      const at::BFloat16* xr = x2.data_ptr<at::BFloat16>() + m * K;
+      for (int64_t k = 0; k < K; ++k) row[k] = float(xr[k]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const float* r = row.data() + c * 64;
+      const __m512bh lo = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + 32), _mm512_loadu_ps(r));
+      const __m512bh hi = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + 48), _mm512_loadu_ps(r + 16));
+      _mm512_storeu_si512(xb.data() + (m * C + c) * 64, (__m512i)lo);
+      _mm512_storeu_si512(xb.data() + (m * C + c) * 64 + 32, (__m512i)hi);
+      float* u = xs.data() + (m * U + (GS == 128 ? c / 2 : c)) * 16;
+      const __m512 prev = (GS == 128 && c % 2) ? _mm512_loadu_ps(u) : _mm512_setzero_ps();
+      _mm512_storeu_ps(u, _mm512_dpbf16_ps(_mm512_dpbf16_ps(prev, lo, ones), hi, ones));
+    }
+  }
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) t[i] = uint16_t(c10::bit_cast<uint32_t>(float(i % 16 - 8)) >> 16);
+  const __m512i table = _mm512_load_si512(t);
+  const uint16_t* xbp = xb.data();
+  const float* xsp = xs.data();
+  at::parallel_for(0, N, grain(Kp / 2, M), [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    auto rows = [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) int4_bf16_block<MT, 4, GS>(xbp + m * C * 64, xsp + m * U * 16, C, Kp, p, sz, G, y + m * N, N, n, table);
+      for (; n < n1; ++n) int4_bf16_block<MT, 1, GS>(xbp + m * C * 64, xsp + m * U * 16, C, Kp, p, sz, G, y + m * N, N, n, table);
+    };
+    for (; m + 2 <= M; m += 2) rows(std::integral_constant<int, 2>{});
+    if (m < M) rows(std::integral_constant<int, 1>{});
+  });
+}
+#endif
+
+bool cpu_has_avx512_bf16() {
+#if defined(__AVX512F__)
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+at::Tensor int4_bf16_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& szt, int64_t group_size) {
+  check_int4(x, packed, szt, group_size, "int4_bf16_mm", true);
+  const int64_t N = packed.size(0), Kp = packed.size(1) * 2, G = Kp / group_size;
+  TORCH_CHECK(cpu_has_avx512_bf16(), "int4_bf16_mm: this CPU (or this build) has no AVX-512 BF16; use int4_mm");
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  const int64_t M = x2.size(0);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const at::BFloat16* sz = szt.data_ptr<at::BFloat16>();
+  if (M > kSmallM) {                     // prefill: dequantize blocks of rows to fp32 for sgemm, x not rounded
+    at::Tensor xf = as_rows(x);
+    if (xf.size(1) < Kp) xf = at::constant_pad_nd(xf, {0, Kp - xf.size(1)});
+    at::Tensor y = blocked_sgemm(xf, N, Kp, [&](int64_t n, float* out) {
+      const uint8_t* pr = pp + n * (Kp / 2);
+      const at::BFloat16* pair = sz + n * G * 2;
+      for (int64_t k = 0; k < Kp; k += 32) {
+        const int64_t g = k / group_size;
+        const float sc = pair[g * 2];
+        const F c = Isa::set1(sc), o = Isa::set1(float(pair[g * 2 + 1]) - 8.f * sc);
+        for (int v = 0; v < V; ++v) {
+          F lo, hi;
+          Isa::u4(pr + k / 2, v, lo, hi);
+          Isa::store(out + k + v * W, Isa::fma(lo, c, o));
+          Isa::store(out + k + 16 + v * W, Isa::fma(hi, c, o));
+        }
+      }
+    });
+    return as_output(y, x);
+  }
+  x2 = x2.contiguous();
+  at::Tensor y = at::empty({M, N}, x2.options().dtype(at::kFloat));
+#if defined(__AVX512F__)
+  float* yp = y.data_ptr<float>();
+  if (group_size == 32) int4_bf16_small<32>(x2, M, Kp, pp, sz, G, yp, N);
+  else if (group_size == 64) int4_bf16_small<64>(x2, M, Kp, pp, sz, G, yp, N);
+  else int4_bf16_small<128>(x2, M, Kp, pp, sz, G, yp, N);
+#endif
   return as_output(y, x);
 }
 
@@ -515,10 +698,13 @@ TORCH_LIBRARY(hfaccel_cpu, m) {
   m.def("int8_mm(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales_zeros, int group_size) -> Tensor");
   m.def("coded4_mm(Tensor x, Tensor packed, Tensor dm, int zero) -> Tensor");
+  m.def("int4_bf16_mm(Tensor x, Tensor packed, Tensor szt, int group_size) -> Tensor");
+  m.def("has_avx512_bf16() -> bool", &cpu_has_avx512_bf16);
 }
 
 TORCH_LIBRARY_IMPL(hfaccel_cpu, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("coded4_mm", &coded4_mm);
+  m.impl("int4_bf16_mm", &int4_bf16_mm);
 }

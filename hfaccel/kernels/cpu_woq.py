@@ -1,19 +1,26 @@
-"""hfaccel's own weight-only int8 / int4 CPU kernels (cpu_woq.cpp), for CPUs without native bf16.
+"""hfaccel's own weight-only int8 / int4 CPU kernels (cpu_woq.cpp), the CPU int layers' default.
 
-aten's packed int8/int4 kernels are fast only with bf16 activations. On a CPU with AVX-512 BF16 or AMX that is
-a hardware path, and the int layers keep it. On one without, the bf16 conversions run in software: at batch 1
-the int layers were only 1.3-1.9x (int8) and 1.7-4.5x (int4) an fp32 nn.Linear on an Ice Lake, and 1.2-3.4x
-(int8) and 0.9-3.7x (int4) on a Zen 3 EPYC with AVX2 only (both measured, cold). The kernels here widen the codes
-to fp32 in SIMD registers (AVX-512F where the CPU has it, else AVX2 + FMA) and keep the activations in fp32,
-which is faster there and rounds nothing but the weights.
+aten's packed int8/int4 kernels are fast only with bf16 activations, and even with them they lost to these
+kernels everywhere measured. On a CPU without native bf16 the conversions run in software: at batch 1 aten's
+int layers were only 1.3-1.9x (int8) and 1.7-4.5x (int4) an fp32 nn.Linear on an Ice Lake, and 1.2-3.4x (int8)
+and 0.9-3.7x (int4) on a Zen 3 EPYC with AVX2 only (both measured, cold). On a Xeon with AVX-512 BF16 and AMX
+(2026-12-03, benchmarks/quant_layers.py --cold, bf16 in): aten int8 1.23-2.23x, int4 g64 1.61-3.48x; these
+kernels int8 1.54-3.49x, int4 g64 1.51-5.46x; and in the whole model (benchmarks/decode_table.py) cpu-int8 decoded
+at 82.2 tok/s with a 116 ms TTFT against aten's 63.2 tok/s and 167 ms, cpu-int4 (RTN) at 116.5 against 104.1.
+
+int8_mm and int4_mm widen the codes to fp32 in SIMD registers (AVX-512F where the CPU has it, else AVX2 + FMA)
+and keep the activations in fp32, rounding nothing but the weights. On a CPU with AVX-512 BF16 the int4 layers
+take int4_bf16_mm instead at decode sizes (up to 16 rows): x rounded to bf16, 32 codes turned into bf16 by one
+table lookup, vdpbf16ps (cold 1536x576 g64: 36.8 us against int4_mm's 44.0).
 
 The C++ source is built once per torch version and instruction set with torch.utils.cpp_extension (a C++
-compiler and ninja, ~15 s) into the hfaccel cache, and registers `torch.ops.hfaccel_cpu.int8_mm` and
-`int4_mm`, which torch.compile graphs call like any other op. Without a compiler, without AVX2 + FMA, or when
-the build fails, the layers keep aten's kernels and `status()` says why.
+compiler and ninja, ~15 s) into the hfaccel cache, and registers `torch.ops.hfaccel_cpu.int8_mm`, `int4_mm`,
+`int4_bf16_mm` and `coded4_mm`, which torch.compile graphs call like any other op. Without a compiler, without
+AVX2 + FMA, or when the build fails, the layers keep aten's kernels and `status()` says why.
 
-HFACCEL_CPU_QUANT_KERNEL chooses: `auto` (the default: these kernels where the CPU has no native bf16),
-`native` (these kernels wherever they build), `aten` (never these kernels).
+HFACCEL_CPU_QUANT_KERNEL chooses: `auto` and `native` (these kernels wherever they build; the default),
+`native-fp32` (these kernels, and int4 with fp32 activations even where the CPU has AVX-512 BF16), `aten`
+(never these kernels).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_woq.cpp")
 ENV = "HFACCEL_CPU_QUANT_KERNEL"
-CHOICES = ("auto", "native", "aten")
+CHOICES = ("auto", "native", "native-fp32", "aten")
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -37,12 +44,9 @@ def _cpu_flags() -> frozenset[str]:
 
 # what the layers report as their kernel: the instruction set the source is compiled for on this CPU
 KERNEL = "avx512" if "avx512f" in _cpu_flags() else "avx2"
-
-
-def _native_bf16() -> bool:
-    from ..device import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
+# the int4 kernel with bf16 activations (int4_bf16_mm), on CPUs with AVX-512 BF16
+BF16_KERNEL = "avx512bf16"
+NATIVE = (KERNEL, BF16_KERNEL)
 
 
 def requested() -> str:
@@ -78,6 +82,10 @@ def _register_fakes() -> None:
     def _(x, packed, scales_zeros, group_size):
         return x.new_empty(*x.shape[:-1], packed.shape[0])
 
+    @torch.library.register_fake("hfaccel_cpu::int4_bf16_mm")
+    def _(x, packed, szt, group_size):
+        return x.new_empty(*x.shape[:-1], packed.shape[0])
+
     @torch.library.register_fake("hfaccel_cpu::coded4_mm")
     def _(x, packed, dm, zero):
         return x.new_empty(*x.shape[:-1], packed.shape[0])
@@ -88,8 +96,6 @@ def status() -> tuple[bool, str]:
     want = requested()
     if want == "aten":
         return False, f"{ENV}=aten"
-    if want == "auto" and _native_bf16():
-        return False, "this CPU has native bf16, where aten's packed bf16 kernels are the fast path"
     return _build()
 
 
@@ -97,17 +103,51 @@ def describe() -> str:
     """The report's line: which CPU kernels the int layers run, and why."""
     ok, why = status()
     if ok:
+        if int4_kernel() == BF16_KERNEL:
+            return (f"CPU int kernels: hfaccel's {KERNEL} (int8: fp32 activations, nothing rounded but the weights; "
+                    f"int4: {BF16_KERNEL}, activations rounded to bf16 at up to 16 rows); {why}")
         return f"CPU int kernels: hfaccel's {KERNEL} (fp32 activations, nothing rounded but the weights); {why}"
     return f"CPU int kernels: aten's packed ones (activations rounded to bf16 around them); {why}"
+
+
+class _Ops:
+    """The ops' default overloads, looked up once: `OPS.int8_mm(...)` is the op itself, with none of torch.ops'
+    per-call attribute and overload resolution (layers call these at batch 1, where microseconds count)."""
+
+    def __getattr__(self, name: str):
+        op = getattr(torch.ops.hfaccel_cpu, name).default
+        setattr(self, name, op)
+        return op
+
+
+OPS = _Ops()
 
 
 def use_native(device: torch.device) -> bool:
     return device.type == "cpu" and status()[0]
 
 
+def _bf16_dot() -> bool:
+    return {"avx512_bf16", "avx512bw", "avx512vl"} <= _cpu_flags()
+
+
+def int4_kernel() -> str:
+    """The native int4 kernel a new layer takes: the bf16 one where the CPU has AVX-512 BF16 (unless
+    native-fp32 is asked for), else the fp32 one."""
+    return BF16_KERNEL if _bf16_dot() and requested() != "native-fp32" else KERNEL
+
+
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] (K <= q's columns) @ (q [N, Kq] int8 * scales [N, 1]).T -> [..., N] in x's dtype."""
     return torch.ops.hfaccel_cpu.int8_mm(x, q, scales)
+
+
+def int4_bf16_mm(x: torch.Tensor, packed: torch.Tensor, szt: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int4_mm with x rounded to bf16 at up to 16 rows (vdpbf16ps; more rows: fp32, a dequantized block at a time
+    for sgemm), reading each row's (scale, zero) pairs side by side: szt [N, G, 2] bf16, i.e.
+    scales_zeros.transpose(0, 1) (aten's [G, N, 2] spread a row's pairs over G cache lines: cold 1536x576 g64
+    took 44.6 us with it, 36.8 with this one)."""
+    return torch.ops.hfaccel_cpu.int4_bf16_mm(x, packed, szt, group_size)
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

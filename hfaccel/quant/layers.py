@@ -5,13 +5,14 @@ Int4Linear: 4-bit groups of `group_size` input columns, w ~= (q - 8) * scale[g, 
 form the packed CPU/CUDA kernels take; symmetric quantization is the case zero = 0).
 
 Kernels:
-- CPU without native bf16 (no AVX-512 BF16 / AMX) but with AVX-512F: hfaccel's own kernels
-  (hfaccel/kernels/cpu_woq.cpp, kernel "avx512"), fp32 activations and arithmetic, the codes widened in
-  registers; see that module for why and for HFACCEL_CPU_QUANT_KERNEL.
-- CPU otherwise: aten._weight_int8pack_mm / aten._weight_int4pack_mm_for_cpu. Both are fast only with bf16
-  activations (with fp32 ones they are 3-10x slower than a plain fp32 Linear, measured), so the layer casts
-  activations to bf16 around the kernel and the output back: the bf16 rounding of activations is part of
-  the quantization's measured cost.
+- CPU with AVX2 + FMA (the default, where hfaccel's kernels build): hfaccel's own kernels
+  (hfaccel/kernels/cpu_woq.cpp, kernel "avx512" / "avx2"), fp32 activations and arithmetic, the codes widened
+  in registers; int4 layers on a CPU with AVX-512 BF16 take kernel "avx512bf16" (x rounded to bf16 at decode
+  sizes, vdpbf16ps). See that module for the measurements and HFACCEL_CPU_QUANT_KERNEL.
+- CPU otherwise (or HFACCEL_CPU_QUANT_KERNEL=aten): aten._weight_int8pack_mm / aten._weight_int4pack_mm_for_cpu.
+  Both are fast only with bf16 activations (with fp32 ones they are 3-10x slower than a plain fp32 Linear,
+  measured), so the layer casts activations to bf16 around the kernel and the output back: the bf16 rounding
+  of activations is part of the quantization's measured cost.
 - CUDA: the same int8 op, and tinygemm (aten._weight_int4pack_mm) for int4.
 - Anything else (another device, N not a multiple of 16 for the int4 packer): dequantize and matmul,
   correct but not fast; `kernel` says which path a layer takes and the report counts them.
@@ -51,7 +52,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.kernel == cpu_woq.KERNEL:
+        if self.kernel in cpu_woq.NATIVE:
             # hfaccel's kernels take x as it is (fp32 or bf16, any leading dims, narrower than a padded weight):
             # at batch 1 every Python step here is a visible share of a small layer's time
             y = self._native(x)
@@ -103,7 +104,11 @@ class Int8Linear(QuantLinear):
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._kscales)
 
     def _native(self, x2: torch.Tensor) -> torch.Tensor:
-        return cpu_woq.int8_mm(x2, self.qweight, self.scales)
+        # the buffers straight from _buffers and the op's overload itself: nn.Module.__getattr__ and torch.ops'
+        # overload resolution cost ~1.7 us a call, a tenth of a cold 576x192 layer (measured, 64x16 int8 layer:
+        # 3.2 us through cpu_woq.int8_mm(self.qweight, ...), 1.4 us for the bare op)
+        b = self._buffers
+        return cpu_woq.OPS.int8_mm(x2, b["qweight"], b["scales"])
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int8pack":
@@ -128,12 +133,15 @@ class Int4Linear(QuantLinear):
         self.group_size = group_size
         self.padded = kp - self.in_features
         device = q.device
-        # scale and zero live once, in the bf16 form the kernels read: dequantize() agrees with them exactly
-        sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()       # [K/g, N, 2]
-        self.register_buffer("scales_zeros", sz)
+        # scale and zero live once, in the bf16 form the kernels read: dequantize() agrees with them exactly.
+        # [K/g, N, 2], except for the bf16 kernel, which reads each row's pairs side by side: [N, K/g, 2]
+        sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16)
+        self.rows_first = False
         if cpu_woq.use_native(device):
-            self.kernel = cpu_woq.KERNEL
+            self.kernel = cpu_woq.int4_kernel()
             packed = cpu_woq.pack_int4(q)
+            if self.kernel == cpu_woq.BF16_KERNEL:
+                sz, self.rows_first = sz.transpose(0, 1), True
         elif device.type == "cpu" and n % 16 == 0:
             self.kernel = "int4pack_cpu"
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
@@ -145,14 +153,19 @@ class Int4Linear(QuantLinear):
             self.kernel = "dequant"
             packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()      # [N, K/2], high nibble first
         self.register_buffer("qweight", packed)
+        self.register_buffer("scales_zeros", sz.contiguous())
+
+    def _pairs(self) -> torch.Tensor:
+        """scales_zeros as [K/g, N, 2] whatever the layout the kernel reads."""
+        return self.scales_zeros.transpose(0, 1) if self.rows_first else self.scales_zeros
 
     @property
-    def scales(self) -> torch.Tensor:
-        return self.scales_zeros[..., 0].float()
+    def scales(self) -> torch.Tensor:                                   # [K/g, N]
+        return self._pairs()[..., 0].float().contiguous()
 
     @property
     def zeros(self) -> torch.Tensor:
-        return self.scales_zeros[..., 1].float()
+        return self._pairs()[..., 1].float().contiguous()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, group_size: int, sym: bool = True) -> "Int4Linear":
@@ -167,7 +180,7 @@ class Int4Linear(QuantLinear):
         if self.kernel == "dequant":
             p = self.qweight
             return torch.stack([p >> 4, p & 15], dim=-1).reshape(p.shape[0], -1)
-        if self.kernel == cpu_woq.KERNEL:
+        if self.kernel in cpu_woq.NATIVE:
             return cpu_woq.unpack_int4(self.qweight)
         kp = self.in_features + self.padded
         eye = torch.eye(kp, dtype=torch.bfloat16, device=self.qweight.device)
@@ -186,7 +199,10 @@ class Int4Linear(QuantLinear):
         return self._direct(x2.to(torch.bfloat16).contiguous())
 
     def _native(self, x2: torch.Tensor) -> torch.Tensor:
-        return cpu_woq.int4_mm(x2, self.qweight, self.scales_zeros, self.group_size)
+        b = self._buffers                                               # see Int8Linear._native
+        if self.kernel == cpu_woq.BF16_KERNEL:
+            return cpu_woq.OPS.int4_bf16_mm(x2, b["qweight"], b["scales_zeros"], self.group_size)
+        return cpu_woq.OPS.int4_mm(x2, b["qweight"], b["scales_zeros"], self.group_size)
 
     def _direct(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int4pack_cpu":

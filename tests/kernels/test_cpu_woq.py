@@ -59,26 +59,62 @@ def test_int8_mm_against_float64(m, n, k, kq):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 6, 20])
-@pytest.mark.parametrize("n, k, g", [(9, 64, 32), (64, 576, 64), (33, 256, 128), (16, 100, 32)])
-def test_int4_mm_against_float64(m, n, k, g):
-    torch.manual_seed(m * 1000 + n)
+def int4_case(m: int, n: int, k: int, g: int, seed: int):
+    """Random codes, bf16 scales and zeros, x: (x, packed, scales_zeros, the float64 weight [n, k])."""
+    torch.manual_seed(seed)
     kp = -(-k // g) * g                               # the weight covers whole groups; x may be narrower
     codes = torch.randint(0, 16, (n, kp), dtype=torch.uint8)
     scales = (torch.rand(kp // g, n) * 0.02 + 1e-3).to(torch.bfloat16)
     zeros = (torch.randn(kp // g, n) * 0.05).to(torch.bfloat16)
-    x = torch.randn(m, k)
     w = ((codes.double() - 8) * scales.double().T.repeat_interleave(g, 1)
          + zeros.double().T.repeat_interleave(g, 1))
-    want = x.double() @ w[:, :k].T
     packed = torch.zeros(n, kp // 2, dtype=torch.uint8)           # packed by hand, from the definition
     for b in range(kp // 2):
         block, j = divmod(b, 16)
         packed[:, b] = codes[:, block * 32 + j] | (codes[:, block * 32 + 16 + j] << 4)
-    got = cpu_woq.int4_mm(x, packed, torch.stack([scales, zeros], dim=-1).contiguous(), g)
+    return torch.randn(m, k), packed, torch.stack([scales, zeros], dim=-1).contiguous(), w[:, :k]
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 20])
+@pytest.mark.parametrize("n, k, g", [(9, 64, 32), (64, 576, 64), (33, 256, 128), (16, 100, 32)])
+def test_int4_mm_against_float64(m, n, k, g):
+    x, packed, sz, w = int4_case(m, n, k, g, seed=m * 1000 + n)
+    want = x.double() @ w.T
+    got = cpu_woq.int4_mm(x, packed, sz, g)
     assert got.shape == (m, n)
     # fp32 sums of a few hundred products: errors scale with the largest output, not each one
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+needs_bf16_dot = pytest.mark.skipif(not cpu_woq._bf16_dot(), reason="this CPU has no AVX-512 BF16")
+
+
+# M = 1..16 take the bf16 kernel in tiles of 2 and 1; 17 goes to int4_mm. K = 608 and 96 end in half a 64-column
+# chunk, N = 9 and 37 in a tile of fewer than 4 rows, groups of 32 split a chunk's lanes between two groups
+@needs_bf16_dot
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17])
+@pytest.mark.parametrize("n, k, g", [(9, 64, 32), (64, 576, 64), (33, 256, 128), (37, 608, 32), (16, 96, 32),
+                                     (40, 100, 64)])
+def test_int4_bf16_mm_against_float64_with_bf16_activations(m, n, k, g):
+    x, packed, sz, w = int4_case(m, n, k, g, seed=m * 1000 + n)
+    szt = sz.transpose(0, 1).contiguous()
+    got = cpu_woq.int4_bf16_mm(x, packed, szt, g)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    xr = x if m > 16 else x.to(torch.bfloat16)                   # decode sizes round x to bf16, nothing else
+    want = xr.double() @ w.T
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    got16 = cpu_woq.int4_bf16_mm(x.to(torch.bfloat16), packed, szt, g)   # bf16 in, bf16 out
+    assert got16.dtype == torch.bfloat16
+    if m <= 16:
+        torch.testing.assert_close(got16, got.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@needs_bf16_dot
+def test_int4_bf16_mm_checks_the_transposed_scales():
+    x, packed, sz, _ = int4_case(1, 8, 64, 32, seed=0)
+    with pytest.raises(RuntimeError, match=r"szt must be contiguous bfloat16 \[8, 2, 2\] \(each row's scale/zero "
+                                           r"pairs\), got BFloat16 \[2, 8, 2\]"):
+        cpu_woq.int4_bf16_mm(x, packed, sz, 32)                 # aten's [G, N, 2] layout
 
 
 @pytest.mark.parametrize("m", [1, 4])
@@ -92,8 +128,11 @@ def test_many_threads_and_one_give_the_same_outputs(m):
     packed = cpu_woq.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8))
     sz = torch.stack([torch.rand(k // g, n) * 0.02, torch.randn(k // g, n) * 0.05], dim=-1).to(torch.bfloat16)
     x = torch.randn(m, k)
+    sz = sz.contiguous()
+    szt = sz.transpose(0, 1).contiguous()
     outs = at_one_and_two_threads(
-        lambda: (cpu_woq.int8_mm(x, q, scales), cpu_woq.int4_mm(x, packed, sz.contiguous(), g)))
+        lambda: (cpu_woq.int8_mm(x, q, scales), cpu_woq.int4_mm(x, packed, sz, g),
+                 *([cpu_woq.int4_bf16_mm(x, packed, szt, g)] if cpu_woq._bf16_dot() else [])))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
@@ -130,8 +169,13 @@ def test_the_ops_compile_into_one_graph():
     packed = cpu_woq.pack_int4(torch.randint(0, 16, (16, 64), dtype=torch.uint8))
     sz = torch.rand(1, 16, 2).to(torch.bfloat16)
 
+    bf16_dot = cpu_woq._bf16_dot()
+
     def f(x):
-        return torch.relu(cpu_woq.int8_mm(x, q, scales)) @ torch.ones(16, 64) + cpu_woq.int4_mm(x, packed, sz, 64).sum()
+        y = torch.relu(cpu_woq.int8_mm(x, q, scales)) @ torch.ones(16, 64) + cpu_woq.int4_mm(x, packed, sz, 64).sum()
+        if bf16_dot:
+            y = y + cpu_woq.int4_bf16_mm(x, packed, sz.transpose(0, 1).contiguous(), 64).sum()
+        return y
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
@@ -146,6 +190,9 @@ def test_policy_follows_the_environment(monkeypatch):
     monkeypatch.setenv(cpu_woq.ENV, "native")
     assert cpu_woq.status()[0] and cpu_woq.use_native(torch.device("cpu"))
     assert not cpu_woq.use_native(torch.device("meta"))
+    assert cpu_woq.int4_kernel() == (cpu_woq.BF16_KERNEL if cpu_woq._bf16_dot() else cpu_woq.KERNEL)
+    monkeypatch.setenv(cpu_woq.ENV, "native-fp32")
+    assert cpu_woq.status()[0] and cpu_woq.int4_kernel() == cpu_woq.KERNEL
     monkeypatch.setenv(cpu_woq.ENV, "fastest")
-    with pytest.raises(ValueError, match=r"HFACCEL_CPU_QUANT_KERNEL='fastest' is not allowed; allowed: auto, native, aten"):
+    with pytest.raises(ValueError, match=r"HFACCEL_CPU_QUANT_KERNEL='fastest' is not allowed; allowed: auto, native, native-fp32, aten"):
         cpu_woq.status()

@@ -18,11 +18,12 @@ def linear(n: int, k: int, bias: bool = True, seed: int = 0) -> nn.Linear:
     return lin
 
 
-@pytest.fixture(params=["aten", "native"])
+@pytest.fixture(params=["aten", "native", "native-fp32"])
 def cpu_kernel(request, monkeypatch) -> str:
-    """Each test runs with aten's packed kernels and with hfaccel's own (where they build on this CPU)."""
+    """Each test runs with aten's packed kernels and with hfaccel's own (where they build on this CPU), whose int4
+    kernel has bf16 activations on a CPU with AVX-512 BF16 unless native-fp32 is asked for."""
     monkeypatch.setenv(cpu_woq.ENV, request.param)
-    if request.param == "native":
+    if request.param != "aten":
         ok, why = cpu_woq.status()
         if not ok:
             pytest.skip(f"hfaccel's CPU int kernels: {why}")
@@ -34,6 +35,10 @@ def close_to_dequantized(layer, x: torch.Tensor, ref_weight: torch.Tensor, bias)
     got = layer(x)
     assert got.shape == want.shape and got.dtype == x.dtype
     if layer.kernel == cpu_woq.KERNEL:          # fp32 activations and arithmetic: only summation order differs
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
+    elif layer.kernel == cpu_woq.BF16_KERNEL and x.reshape(-1, x.shape[-1]).shape[0] <= 16:
+        # decode sizes: x rounded to bf16, fp32 arithmetic after that
+        want = x.to(torch.bfloat16).float() @ ref_weight.T + (bias if bias is not None else 0)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6
     else:                                       # activations go through bf16 around aten's packed kernels
         assert (got - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
@@ -58,8 +63,8 @@ def test_int4_linear_codes_padding_and_kernels(n, k, g, sym, cpu_kernel):
     assert layer.padded == (-k) % g
     if cpu_kernel == "aten":
         assert layer.kernel == ("int4pack_cpu" if n % 16 == 0 else "dequant")
-    else:                                       # hfaccel's kernel takes any number of rows
-        assert layer.kernel == cpu_woq.KERNEL
+    else:                                       # hfaccel's kernels take any number of rows
+        assert layer.kernel == (cpu_woq.KERNEL if cpu_kernel == "native-fp32" else cpu_woq.int4_kernel())
     w = pad_columns(lin.weight.detach(), g)
     q, scale, zero = quantize_int4_groups(w, g, sym)
     # codes as stored; the stored scales are bf16, codes were computed with the same fp32 ones
@@ -121,7 +126,7 @@ def test_native_kernel_layers_take_bf16_and_fp32_input_alike(make, monkeypatch):
     if not ok:
         pytest.skip(f"hfaccel's CPU int kernels: {why}")
     layer = make(linear(40, 100, bias=True))                   # padded columns, a bias, 3-D input
-    assert layer.kernel == cpu_woq.KERNEL and layer.padded
+    assert layer.kernel in cpu_woq.NATIVE and layer.padded
     x = torch.randn(2, 3, 100).to(torch.bfloat16)
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 40)
