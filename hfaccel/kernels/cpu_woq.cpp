@@ -402,11 +402,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return as_output(y, x);
 }
 
-// int4_bf16_mm: int4_mm's layout and arithmetic at decode sizes (M <= kSmallM) on CPUs with AVX-512 BF16, the
-// activations rounded to bf16 (as aten's packed kernels round them). The fp32 path above widens each code to an
-// fp32 lane (widen, mask or shift, convert: 3 ops for 16 codes) and was compute-bound at batch 1 (hot, 2 threads,
-// 1536x576 g64: 25 us, where int8_mm takes 16). Here 32 codes become 32 bf16 values (code - 8, exact) with one
-// table lookup (vpermw), and vdpbf16ps multiplies 32 of them with x per instruction, accumulating in fp32.
+// int4_bf16_mm: int4_mm's codes and arithmetic at decode sizes (M <= kSmallM) on CPUs with AVX-512 BF16, the
+// activations rounded to bf16 (as aten's packed kernels round them), the scale/zero pairs stored row by row
+// ([N, G, 2]). 32 codes become 32 bf16 values (code - 8, exact) with one table lookup (vpermw), and vdpbf16ps
+// multiplies them with x, accumulating in fp32. Measured on a 2-core AMX Xeon against int4_mm: 1 thread, hot,
+// 512x4096, M = 1: 102 / 95 / 89 us against 148 / 107 / 89 at groups of 32 / 64 / 128 (most of the gain is the
+// epilogue, below); 2 threads, cold, 1536x576 g64: 36.8 against 44.0 us. Each extra row of x costs more than in
+// int4_mm (M = 2: 136 against 111 us), so M > 1 is not where this kernel wins.
 //   Per 64 columns: 32 bytes of a row widen to 32 words, whose low nibbles are columns c..c+15 and c+32..c+47 and
 // high ones c+16..c+31, c+48..c+63 (pack_int4's order); x is laid out once per call in the same two orders. The
 // dot's lane l sums words 2l, 2l+1, so with groups of 32 lanes 0-7 belong to one group and 8-15 to the next.

@@ -4,8 +4,8 @@ aten's packed int8/int4 kernels are fast only with bf16 activations, and even wi
 kernels everywhere measured. On a CPU without native bf16 the conversions run in software: at batch 1 aten's
 int layers were only 1.3-1.9x (int8) and 1.7-4.5x (int4) an fp32 nn.Linear on an Ice Lake, and 1.2-3.4x (int8)
 and 0.9-3.7x (int4) on a Zen 3 EPYC with AVX2 only (both measured, cold). On a Xeon with AVX-512 BF16 and AMX
-(2026-12-03, benchmarks/quant_layers.py --cold, bf16 in): aten int8 1.23-2.23x, int4 g64 1.61-3.48x; these
-kernels int8 1.54-3.49x, int4 g64 1.51-5.46x; and in the whole model (benchmarks/decode_table.py) cpu-int8 decoded
+(benchmarks/quant_layers.py --cold, bf16 in): aten int8 1.18-2.28x, int4 g64 1.64-3.72x (2026-12-02); these
+kernels int8 1.55-3.18x, int4 g64 1.61-4.36x (2026-12-03); and in the whole model (benchmarks/decode_table.py) cpu-int8 decoded
 at 82.2 tok/s with a 116 ms TTFT against aten's 63.2 tok/s and 167 ms, cpu-int4 (RTN) at 116.5 against 104.1.
 
 int8_mm and int4_mm widen the codes to fp32 in SIMD registers (AVX-512F where the CPU has it, else AVX2 + FMA)

@@ -136,12 +136,11 @@ class Int4Linear(QuantLinear):
         # scale and zero live once, in the bf16 form the kernels read: dequantize() agrees with them exactly.
         # [K/g, N, 2], except for the bf16 kernel, which reads each row's pairs side by side: [N, K/g, 2]
         sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16)
-        self.rows_first = False
         if cpu_woq.use_native(device):
             self.kernel = cpu_woq.int4_kernel()
             packed = cpu_woq.pack_int4(q)
-            if self.kernel == cpu_woq.BF16_KERNEL:
-                sz, self.rows_first = sz.transpose(0, 1), True
+            if self.rows_first:
+                sz = sz.transpose(0, 1)
         elif device.type == "cpu" and n % 16 == 0:
             self.kernel = "int4pack_cpu"
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
@@ -154,6 +153,11 @@ class Int4Linear(QuantLinear):
             packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()      # [N, K/2], high nibble first
         self.register_buffer("qweight", packed)
         self.register_buffer("scales_zeros", sz.contiguous())
+
+    @property
+    def rows_first(self) -> bool:
+        """scales_zeros is [N, K/g, 2] (the bf16 kernel's layout) rather than [K/g, N, 2]."""
+        return self.kernel == cpu_woq.BF16_KERNEL
 
     def _pairs(self) -> torch.Tensor:
         """scales_zeros as [K/g, N, 2] whatever the layout the kernel reads."""
