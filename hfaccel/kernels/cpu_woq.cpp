@@ -342,6 +342,24 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return as_output(y, x);
 }
 
+// Row n of an int4 weight as fp32 (for sgemm): w = (code - 8) * s + z = code * s + (z - 8 s), group g's (s, z)
+// pair at pairs[2 g stride]: aten's [G, N, 2] layout has stride N (pairs = sz + 2 n), the bf16 kernel's
+// [N, G, 2] stride 1 (pairs = sz + 2 n G).
+void int4_row(const uint8_t* pr, int64_t Kp, int64_t group_size, const at::BFloat16* pairs, int64_t stride,
+              float* out) {
+  for (int64_t k = 0; k < Kp; k += 32) {
+    const at::BFloat16* pair = pairs + 2 * (k / group_size) * stride;
+    const float sc = pair[0];
+    const F c = Isa::set1(sc), o = Isa::set1(float(pair[1]) - 8.f * sc);
+    for (int v = 0; v < V; ++v) {
+      F lo, hi;
+      Isa::u4(pr + k / 2, v, lo, hi);
+      Isa::store(out + k + v * W, Isa::fma(lo, c, o));
+      Isa::store(out + k + 16 + v * W, Isa::fma(hi, c, o));
+    }
+  }
+}
+
 // The arguments of int4_mm (scale/zero pairs [G, N, 2], aten's layout) and int4_bf16_mm ([N, G, 2]: rows_first).
 void check_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz_, int64_t group_size,
                 const char* what, bool rows_first) {
@@ -373,17 +391,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   at::Tensor y;
   if (M > kSmallM) {
     y = blocked_sgemm(xf, N, Kp, [&](int64_t n, float* out) {
-      const uint8_t* pr = pp + n * (Kp / 2);
-      for (int64_t k = 0; k < Kp; k += 32) {
-        const F c = Isa::set1(scale_of(sz, N, k / group_size, n));
-        const F o = Isa::set1(offset_of(sz, N, k / group_size, n));
-        for (int v = 0; v < V; ++v) {
-          F lo, hi;
-          Isa::u4(pr + k / 2, v, lo, hi);
-          Isa::store(out + k + v * W, Isa::fma(lo, c, o));
-          Isa::store(out + k + 16 + v * W, Isa::fma(hi, c, o));
-        }
-      }
+      int4_row(pp + n * (Kp / 2), Kp, group_size, sz + n * 2, N, out);
     });
   } else {
     c10::SmallVector<float, 1024> xs(M * G);      // per-group sums of x: the offsets' share of each output
@@ -551,19 +559,7 @@ at::Tensor int4_bf16_mm(const at::Tensor& x, const at::Tensor& packed, const at:
     at::Tensor xf = as_rows(x);
     if (xf.size(1) < Kp) xf = at::constant_pad_nd(xf, {0, Kp - xf.size(1)});
     at::Tensor y = blocked_sgemm(xf, N, Kp, [&](int64_t n, float* out) {
-      const uint8_t* pr = pp + n * (Kp / 2);
-      const at::BFloat16* pair = sz + n * G * 2;
-      for (int64_t k = 0; k < Kp; k += 32) {
-        const int64_t g = k / group_size;
-        const float sc = pair[g * 2];
-        const F c = Isa::set1(sc), o = Isa::set1(float(pair[g * 2 + 1]) - 8.f * sc);
-        for (int v = 0; v < V; ++v) {
-          F lo, hi;
-          Isa::u4(pr + k / 2, v, lo, hi);
-          Isa::store(out + k + v * W, Isa::fma(lo, c, o));
-          Isa::store(out + k + 16 + v * W, Isa::fma(hi, c, o));
-        }
-      }
+      int4_row(pp + n * (Kp / 2), Kp, group_size, sz + n * G * 2, 1, out);
     });
     return as_output(y, x);
   }
