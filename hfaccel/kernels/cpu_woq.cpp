@@ -176,12 +176,18 @@ void int4_rows(const float* x, const float* xs, int64_t Kp, const uint8_t* p, co
   for (; n < n1; ++n) int4_block<MT, 1, GS>(x, xs, Kp, p, sz, G, y, N, n);
 }
 
-// Rows of x in tiles of Isa::kMT, then 2, then 1.
+// Rows of x in tiles of Isa::kMT, then 2, then 1; with AVX-512 three left over take one tile of 3 (as 2 + 1 the
+// weights were widened twice: the model's 210 coded layers at 3 rows cost 7.4 ms against 5.8 ms at 4).
 template <typename Rows>
 void by_tiles(int64_t M, Rows rows) {
   int64_t m = 0;
-  if constexpr (Isa::kMT >= 4)
+  if constexpr (Isa::kMT >= 4) {
     for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, m);
+    if (M - m == 3) {
+      rows(std::integral_constant<int, 3>{}, m);
+      return;
+    }
+  }
   for (; m + 2 <= M; m += 2) rows(std::integral_constant<int, 2>{}, m);
   for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
 }
