@@ -173,6 +173,24 @@ def test_warmup_off_compiles_at_the_first_call_and_revert_restores_everything():
     assert torch.equal(greedy(model, ids), greedy(ref, ids))
 
 
+def test_every_graph_of_the_decoder_drops_the_module_guards(monkeypatch):
+    """torch.compile pops guard_filter_fn out of the options dict it is given: with one dict shared by the three
+    graphs, the verify graphs kept a guard on every parameter (~1 ms per verify call on SmolLM2)."""
+    from hfaccel import compile as hc
+
+    seen = []
+    real = torch.compile
+
+    def recording(fn, **kw):
+        seen.append(dict(kw.get("options") or {}))
+        return real(fn, **kw)
+
+    monkeypatch.setattr(hc.torch, "compile", recording)
+    hc.CompiledDecoder(models.tiny("llama"))
+    assert len(seen) == 3
+    assert all(o.get("guard_filter_fn") is torch.compiler.skip_guard_on_all_nn_modules_unsafe for o in seen)
+
+
 def test_eager_inner_attention_and_int8_kv_skip():
     model = models.tiny("mistral")
     ref = models.tiny("mistral")
