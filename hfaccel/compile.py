@@ -171,13 +171,18 @@ def verify_attention(module, query, key, value, decode, scaling=None, sliding_wi
     write_columns(kb, vb, where, key, value)
     g = hq // hkv
     scale = scaling if scaling is not None else d ** -0.5
+    if sliding_window is not None:
+        cols = torch.arange(t, device=where.device)
+        allowed = allowed & (cols[None, None, :] > where[:, :, None] - sliding_window)
+    if (_cpp_step_attention and softcap is None and query.device.type == "cpu" and query.dtype == torch.float32
+            and kb.dtype == torch.float32):
+        # the step's C++ attention, a query row per token: only the allowed columns are scored. The two bmm
+        # below cost SmolLM2's verify at width 2 1.26 ms per call against 0.41 ms for the one-token step's
+        return torch.ops.hfaccel_cpu_attn.buffer_verify(query.transpose(1, 2), kb, vb, allowed, scale), None
     q = query.reshape(b, hkv, g * w, d)                                   # GQA: query heads grouped by KV head
     scores = torch.matmul(q, kb.transpose(-1, -2)).view(b, hkv, g, w, t) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if sliding_window is not None:
-        cols = torch.arange(t, device=where.device)
-        allowed = allowed & (cols[None, None, :] > where[:, :, None] - sliding_window)
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs.view(b, hkv, g * w, t), vb)                   # [B, Hkv, G * W, D]

@@ -257,7 +257,14 @@ def test_step_attention_choice_is_reported_and_inductor_can_be_asked_for(monkeyp
     assert_compiled_greedy_equal(model, ref)
 
 
-def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window():
+@pytest.mark.parametrize("cpp", [False, True], ids=["torch", "cpp"])
+def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window(cpp, monkeypatch):
+    from hfaccel import compile as hc
+    from hfaccel.kernels import cpu_attention
+
+    if cpp and not cpu_attention.status()[0]:
+        pytest.skip(f"hfaccel's C++ attention does not build here: {cpu_attention.status()[1]}")
+    monkeypatch.setattr(hc, "_cpp_step_attention", cpp)
     torch.manual_seed(0)
     b, hq, hkv, d, t, w = 3, 6, 2, 16, 40, 4
     keys, values = [torch.randn(b, hkv, t, d)], [torch.randn(b, hkv, t, d)]

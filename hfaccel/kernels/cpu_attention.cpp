@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -270,19 +271,17 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // decode buffer, the columns where valid[b] is true (padding, columns not written yet, a sliding window or a
 // speculative step's rejected columns are false). The valid columns are read as runs, as paged_decode reads
 // a row's slots, so no score is computed for a masked column.
-at::Tensor buffer_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
-                         double scale) {
-  check_qkv(q, k, v, 4, "buffer_decode");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(k.size(0) == B, "buffer_decode: k has ", k.size(0), " rows, q ", B);
-  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.dim() == 2 && valid.size(0) == B && valid.size(1) == T,
-              "buffer_decode: valid must be bool [", B, ", ", T, "], got ", valid.scalar_type(), " ", valid.sizes());
+//   Query row r reads K/V row r / per: buffer_decode has one query per row (per = 1); buffer_verify (a
+// speculative verify of W tokens per row) W, each with its own columns (the row's, up to its own).
+at::Tensor buffer_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
+                       int64_t per, double scale, const char* what) {
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), T = k.size(2);
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   auto vm = valid.contiguous();
   const bool* ok = vm.data_ptr<bool>();
   std::vector<int64_t> st, ln, rp(1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const bool* row = ok + b * T;
+  for (int64_t r = 0; r < R; ++r) {
+    const bool* row = ok + r * T;
     for (int64_t t = 0; t < T;) {
       if (!row[t]) { ++t; continue; }
       int64_t e = t;
@@ -291,18 +290,45 @@ at::Tensor buffer_decode(const at::Tensor& q, const at::Tensor& k, const at::Ten
       ln.push_back(e - t);
       t = e;
     }
-    TORCH_CHECK(static_cast<int64_t>(st.size()) > rp.back(), "buffer_decode: row ", b, " has no valid column");
+    TORCH_CHECK(static_cast<int64_t>(st.size()) > rp.back(), what, ": row ", r / per,
+                per > 1 ? " token " : "", per > 1 ? std::to_string(r % per) : std::string(), " has no valid column");
     rp.push_back(static_cast<int64_t>(st.size()));
   }
-  auto out = at::empty({B, Hq, D}, q.options());
+  auto out = at::empty({R, Hq, D}, q.options());
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
-  attend(qc.data_ptr<float>(), out.data_ptr<float>(), B, Hq, Hkv, D, static_cast<float>(scale), st.data(),
-         ln.data(), rp.data(), [&](int64_t b, int64_t h) {
-           const int64_t off = (b * Hkv + h) * T * D;
+  attend(qc.data_ptr<float>(), out.data_ptr<float>(), R, Hq, Hkv, D, static_cast<float>(scale), st.data(),
+         ln.data(), rp.data(), [&](int64_t r, int64_t h) {
+           const int64_t off = (r / per * Hkv + h) * T * D;
            return std::make_pair(kp + off, vp + off);
          });
   return out;
+}
+
+at::Tensor buffer_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
+                         double scale) {
+  check_qkv(q, k, v, 4, "buffer_decode");
+  const int64_t B = q.size(0), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B, "buffer_decode: k has ", k.size(0), " rows, q ", B);
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.dim() == 2 && valid.size(0) == B && valid.size(1) == T,
+              "buffer_decode: valid must be bool [", B, ", ", T, "], got ", valid.scalar_type(), " ", valid.sizes());
+  return buffer_rows(q, k, v, valid, 1, scale, "buffer_decode");
+}
+
+// q [B, W, Hq, D], allowed [B, W, T] (what each of a row's W tokens may see) -> [B, W, Hq, D]
+at::Tensor buffer_verify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+                         double scale) {
+  TORCH_CHECK(q.dim() == 4, "buffer_verify: q must be [B, W, Hq, D], got ", q.sizes());
+  const int64_t B = q.size(0), W = q.size(1), Hq = q.size(2), D = q.size(3);
+  const at::Tensor q3 = q.reshape({B * W, Hq, D});
+  check_qkv(q3, k, v, 4, "buffer_verify");
+  const int64_t T = k.size(2);
+  TORCH_CHECK(k.size(0) == B, "buffer_verify: k has ", k.size(0), " rows, q ", B);
+  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.dim() == 3 && allowed.size(0) == B &&
+              allowed.size(1) == W && allowed.size(2) == T,
+              "buffer_verify: allowed must be bool [", B, ", ", W, ", ", T, "], got ", allowed.scalar_type(), " ",
+              allowed.sizes());
+  return buffer_rows(q3, k, v, allowed.reshape({B * W, T}), W, scale, "buffer_verify").view({B, W, Hq, D});
 }
 
 }  // namespace
@@ -311,9 +337,11 @@ TORCH_LIBRARY(hfaccel_cpu_attn, m) {
   m.def("paged_decode(Tensor q, Tensor k, Tensor v, Tensor seg_start, Tensor seg_len, Tensor row_ptr, float scale) "
         "-> Tensor");
   m.def("buffer_decode(Tensor q, Tensor k, Tensor v, Tensor valid, float scale) -> Tensor");
+  m.def("buffer_verify(Tensor q, Tensor k, Tensor v, Tensor allowed, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hfaccel_cpu_attn, CPU, m) {
   m.impl("paged_decode", &paged_decode);
   m.impl("buffer_decode", &buffer_decode);
+  m.impl("buffer_verify", &buffer_verify);
 }

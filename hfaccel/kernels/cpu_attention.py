@@ -1,5 +1,5 @@
 """hfaccel's CPU decode attention over paged rows (cpu_attention.cpp), for the continuous-batching engine, and
-over a compiled decode step's buffer (`buffer_decode`).
+over a compiled decode step's buffer (`buffer_decode`, and `buffer_verify` for a speculative verify's tokens).
 
 `paged_decode(q, k, v, seg_start, seg_len, row_ptr, scale)` attends one query token per row over that row's
 runs of slots in a layer of the KV pool, all rows and KV heads in one call (see the .cpp for the contract).
@@ -25,7 +25,8 @@ def status() -> tuple[bool, str]:
 
     return build_ops("hfaccel_cpu_attention", SOURCE, portable_flags(), {
         "hfaccel_cpu_attn::paged_decode": lambda q, k, v, seg_start, seg_len, row_ptr, scale: q.new_empty(q.shape),
-        "hfaccel_cpu_attn::buffer_decode": lambda q, k, v, valid, scale: q.new_empty(q.shape)})
+        "hfaccel_cpu_attn::buffer_decode": lambda q, k, v, valid, scale: q.new_empty(q.shape),
+        "hfaccel_cpu_attn::buffer_verify": lambda q, k, v, allowed, scale: q.new_empty(q.shape)})
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor,
@@ -41,6 +42,12 @@ def buffer_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torc
     return torch.ops.hfaccel_cpu_attn.buffer_decode(q, k, v, valid, scale)
 
 
+def buffer_verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, W, Hq, D] (a speculative verify's W tokens per row), k / v [B, Hkv, T, D], allowed [B, W, T] bool
+    (the columns each token may see) -> [B, W, Hq, D]. float32 only."""
+    return torch.ops.hfaccel_cpu_attn.buffer_verify(q, k, v, allowed, scale)
+
+
 def segments_tensors(segments: list[list[tuple[int, int]]], device) -> tuple[torch.Tensor, ...]:
     """Per-row [(first slot, count)] runs -> (seg_start, seg_len, row_ptr) int64 tensors."""
     starts, lens, ptr = [], [], [0]
@@ -53,4 +60,4 @@ def segments_tensors(segments: list[list[tuple[int, int]]], device) -> tuple[tor
     return mk(starts), mk(lens), mk(ptr)
 
 
-__all__ = ["buffer_decode", "paged_decode", "segments_tensors", "status"]
+__all__ = ["buffer_decode", "buffer_verify", "paged_decode", "segments_tensors", "status"]

@@ -123,3 +123,33 @@ def test_buffer_decode_bad_arguments_name_what_is_wrong():
         cpu_attention.buffer_decode(q, k, k[:, :, :4], valid, 1.0)
     with pytest.raises(RuntimeError, match="k has 1 rows, q 2"):
         cpu_attention.buffer_decode(q, k[:1], k[:1], valid, 1.0)
+
+
+def test_buffer_verify_gives_each_token_its_own_columns_of_its_rows_buffer():
+    """A speculative verify: W tokens per row, token i of row b over allowed[b, i] of row b's K/V. Each equals
+    buffer_decode of that one token with those columns; NaN in masked columns never matters."""
+    torch.manual_seed(7)
+    b, w, hq, hkv, t, d = 3, 4, 9, 3, 30, 64
+    q, k, v = torch.randn(b, w, hq, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    start = torch.tensor([0, 6, 2])                                   # left padding per row
+    col = torch.tensor([20, 12, 25])                                  # where each row's first token sits
+    cols = torch.arange(t)
+    where = col[:, None] + torch.arange(w)                            # [B, W]
+    allowed = (cols >= start[:, None, None]) & (cols <= where[:, :, None])
+    allowed[2, :, 9] = False                                          # a rejected hole
+    got = cpu_attention.buffer_verify(q, k, v, allowed, 0.125)
+    assert got.shape == (b, w, hq, d)
+    for i in range(w):
+        one = cpu_attention.buffer_decode(q[:, i].contiguous(), k, v, allowed[:, i].contiguous(), 0.125)
+        torch.testing.assert_close(got[:, i], one, rtol=1e-6, atol=1e-6)
+    k2, v2 = k.clone(), v.clone()
+    seen = allowed.any(1)
+    k2[~seen[:, None, :, None].expand_as(k2)] = float("nan")
+    v2[~seen[:, None, :, None].expand_as(v2)] = float("nan")
+    assert torch.equal(cpu_attention.buffer_verify(q, k2, v2, allowed, 0.125), got)
+    with pytest.raises(RuntimeError, match=r"allowed must be bool \[3, 4, 30\]"):
+        cpu_attention.buffer_verify(q, k, v, allowed[:, :3], 0.125)
+    bad = allowed.clone()
+    bad[1, 2] = False
+    with pytest.raises(RuntimeError, match="row 1 token 2 has no valid column"):
+        cpu_attention.buffer_verify(q, k, v, bad, 0.125)
