@@ -208,14 +208,19 @@ def test_eager_inner_attention_and_int8_kv_skip():
     assert "kv_cache.dtype int8" in skip["compile"]
 
 
-@pytest.mark.parametrize("cpp", [False, True], ids=["torch", "cpp"])
-def test_step_attention_matches_sdpa_with_padding_gqa_and_window(cpp, monkeypatch):
+@pytest.fixture(params=[False, True], ids=["torch", "cpp"])
+def attention_kernel(request, monkeypatch):
+    """The step's and the verify's attention in torch (Inductor) or through hfaccel's C++ kernels."""
     from hfaccel import compile as hc
     from hfaccel.kernels import cpu_attention
 
-    if cpp and not cpu_attention.status()[0]:
+    if request.param and not cpu_attention.status()[0]:
         pytest.skip(f"hfaccel's C++ attention does not build here: {cpu_attention.status()[1]}")
-    monkeypatch.setattr(hc, "_cpp_step_attention", cpp)
+    monkeypatch.setattr(hc, "_cpp_step_attention", request.param)
+    return request.param
+
+
+def test_step_attention_matches_sdpa_with_padding_gqa_and_window(attention_kernel):
     torch.manual_seed(0)
     b, hq, hkv, d, t, col = 3, 6, 2, 16, 32, 20
     keys = [torch.randn(b, hkv, t, d)]
@@ -257,14 +262,7 @@ def test_step_attention_choice_is_reported_and_inductor_can_be_asked_for(monkeyp
     assert_compiled_greedy_equal(model, ref)
 
 
-@pytest.mark.parametrize("cpp", [False, True], ids=["torch", "cpp"])
-def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window(cpp, monkeypatch):
-    from hfaccel import compile as hc
-    from hfaccel.kernels import cpu_attention
-
-    if cpp and not cpu_attention.status()[0]:
-        pytest.skip(f"hfaccel's C++ attention does not build here: {cpu_attention.status()[1]}")
-    monkeypatch.setattr(hc, "_cpp_step_attention", cpp)
+def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window(attention_kernel):
     torch.manual_seed(0)
     b, hq, hkv, d, t, w = 3, 6, 2, 16, 40, 4
     keys, values = [torch.randn(b, hkv, t, d)], [torch.randn(b, hkv, t, d)]
