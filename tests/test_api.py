@@ -58,7 +58,7 @@ def test_report_lists_changes_skips_and_unavailable_features():
         ("compile", "hfaccel_compile_stats", "-", "compiled calls, fallbacks, compilations, warm-up"),
         ("compile", "generate", "generate() on a PagedCache (paged attention)",
          "greedy decode through a compiled step (torch.compile mode=default, "
-         + ("hfaccel's C++ step attention for fp32, " if cpu_attention.status()[0] else "")
+         + ("hfaccel's C++ step attention for fp32 and bf16, " if cpu_attention.status()[0] else "")
          + "compiled at first call)")]
     assert report.lossless and report.reversible and not report.noop
     unavailable = {s.feature for s in report.skipped if s.status == UNAVAILABLE}

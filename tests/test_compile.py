@@ -220,12 +220,17 @@ def attention_kernel(request, monkeypatch):
     return request.param
 
 
-def test_step_attention_matches_sdpa_with_padding_gqa_and_window(attention_kernel):
+# bf16: a bf16 model's step (cpu-int4 on a CPU with native bf16); against sdpa in fp32 on the same bf16 values
+DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE), ids=["fp32", "bf16"])
+def test_step_attention_matches_sdpa_with_padding_gqa_and_window(attention_kernel, dtype):
     torch.manual_seed(0)
     b, hq, hkv, d, t, col = 3, 6, 2, 16, 32, 20
-    keys = [torch.randn(b, hkv, t, d)]
-    values = [torch.randn(b, hkv, t, d)]
-    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+    keys = [torch.randn(b, hkv, t, d).to(dtype)]
+    values = [torch.randn(b, hkv, t, d).to(dtype)]
+    q, k, v = (torch.randn(b, h, 1, d).to(dtype) for h in (hq, hkv, hkv))
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[1, :4] = False
     valid &= torch.arange(t) <= col
@@ -239,9 +244,11 @@ def test_step_attention_matches_sdpa_with_padding_gqa_and_window(attention_kerne
         assert torch.equal(kb[0][:, :, col], k[:, :, 0]) and torch.equal(vb[0][:, :, col], v[:, :, 0])
         allowed = valid if window is None else valid & (torch.arange(t) > col - window)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q, kb[0].repeat_interleave(hq // hkv, 1), vb[0].repeat_interleave(hq // hkv, 1),
+            q.float(), kb[0].float().repeat_interleave(hq // hkv, 1), vb[0].float().repeat_interleave(hq // hkv, 1),
             attn_mask=allowed[:, None, None, :])
-        torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+        assert out.dtype == dtype
+        tol = DTYPE_TOLERANCE[dtype]
+        torch.testing.assert_close(out.float(), ref.transpose(1, 2), rtol=tol, atol=tol)
 
 
 def test_step_attention_choice_is_reported_and_inductor_can_be_asked_for(monkeypatch):
@@ -262,11 +269,35 @@ def test_step_attention_choice_is_reported_and_inductor_can_be_asked_for(monkeyp
     assert_compiled_greedy_equal(model, ref)
 
 
-def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window(attention_kernel):
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_a_bf16_model_steps_through_the_cpp_attention_with_inductors_tokens(arch, monkeypatch):
+    """A bf16 model (cpu-int4 on a CPU with native bf16) now attends through the C++ kernel too: its compiled
+    greedy tokens are those of the same step with Inductor's fused attention loops (checked on these prompts:
+    bf16 rounding differs between the two, the tokens do not)."""
+    from hfaccel import compile as hc
+    from hfaccel.kernels import cpu_attention
+
+    if not cpu_attention.status()[0]:
+        pytest.skip(f"hfaccel's C++ attention does not build here: {cpu_attention.status()[1]}")
+    monkeypatch.setattr(hc, "_cpp_step_attention", hc._cpp_step_attention)      # restored after the test
+    outs = []
+    for env in (None, "inductor"):
+        if env:
+            monkeypatch.setenv(hc.STEP_ATTENTION_ENV, env)
+        model = models.tiny(arch).to(torch.bfloat16)
+        hfaccel.accelerate_model(model, kv_cache={"type": "paged", "max_cache_tokens": 4096}, compile={"enabled": True})
+        assert hc._cpp_step_attention is (env is None)
+        outs.append(greedy(model, prompts(model.config.vocab_size, batch=2, length=9), n=20))
+        assert model.hfaccel_compile_stats.compiled_calls == 1
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE), ids=["fp32", "bf16"])
+def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window(attention_kernel, dtype):
     torch.manual_seed(0)
     b, hq, hkv, d, t, w = 3, 6, 2, 16, 40, 4
-    keys, values = [torch.randn(b, hkv, t, d)], [torch.randn(b, hkv, t, d)]
-    q, k, v = torch.randn(b, hq, w, d), torch.randn(b, hkv, w, d), torch.randn(b, hkv, w, d)
+    keys, values = [torch.randn(b, hkv, t, d).to(dtype)], [torch.randn(b, hkv, t, d).to(dtype)]
+    q, k, v = (torch.randn(b, h, w, d).to(dtype) for h in (hq, hkv, hkv))
     col = torch.tensor([20, 9, 31])                        # rows write at their own columns
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[1, :4] = False                                   # left padding
@@ -284,8 +315,11 @@ def test_verify_attention_matches_sdpa_per_row_columns_gqa_and_window(attention_
             assert torch.equal(kb[0][r, :, c:c + w], k[r]) and torch.equal(vb[0][r, :, c:c + w], v[r])
         mask = allowed if window is None else allowed & (torch.arange(t) > where[:, :, None] - window)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q, kb[0].repeat_interleave(hq // hkv, 1), vb[0].repeat_interleave(hq // hkv, 1), attn_mask=mask[:, None])
-        torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+            q.float(), kb[0].float().repeat_interleave(hq // hkv, 1), vb[0].float().repeat_interleave(hq // hkv, 1),
+            attn_mask=mask[:, None])
+        assert out.dtype == dtype
+        tol = DTYPE_TOLERANCE[dtype]
+        torch.testing.assert_close(out.float(), ref.transpose(1, 2), rtol=tol, atol=tol)
 
 
 def test_cpp_wrapper_reaches_inductor_and_stays_token_exact(monkeypatch):

@@ -100,11 +100,12 @@ def set_row_kernel(name: str) -> None:
 
 
 def row_kernel_for(pool, query: torch.Tensor) -> str:
-    """"cpp" when hfaccel's C++ row decode applies (CPU, float32 queries and K/V) and is loaded, else "sdpa"."""
+    """"cpp" when hfaccel's C++ row decode applies (CPU, queries and K/V all float32 or all bfloat16) and is
+    loaded, else "sdpa"."""
     if _row_kernel == "sdpa":
         return "sdpa"
-    fits = query.device.type == "cpu" and query.dtype == torch.float32 and pool.keys.dtype == torch.float32 \
-        and pool.kv_dtype == "model"
+    fits = query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) \
+        and pool.keys.dtype == query.dtype and pool.kv_dtype == "model"
     if fits:
         from ..kernels import cpu_attention
 
@@ -112,7 +113,8 @@ def row_kernel_for(pool, query: torch.Tensor) -> str:
         if ok:
             return "cpp"
     else:
-        why = (f"it takes float32 on the CPU, not {query.dtype} queries on {query.device} over a "
+        why = (f"it takes float32 or bfloat16 on the CPU, queries of the pool's dtype, not {query.dtype} "
+               f"queries on {query.device} over a "
                f"{pool.keys.dtype} pool (K/V dtype {pool.kv_dtype})")
     if _row_kernel == "cpp":
         raise RuntimeError(f"hfaccel's C++ row decode cannot run here: {why}")
@@ -124,7 +126,7 @@ def decode_rows(cache: PagedCache, layer: int, query: torch.Tensor, scale: float
 
     Each row computes exactly what it would alone, and nobody gathers the padding: for continuous batching,
     whose rows differ in length. Two kernels:
-    - "cpp" (CPU, float32): hfaccel's C++ op walks every row's runs of slots in the pool, all rows and KV
+    - "cpp" (CPU, float32 or bfloat16): hfaccel's C++ op walks every row's runs of slots in the pool, all rows and KV
       heads in one call per layer (kernels/cpu_attention.cpp; one sdpa per row costs ~100 us of call overhead);
     - "sdpa": per row, a row in consecutive slots reads its K/V as a view of the pool (no copy), a row in
       several runs concatenates them; its query heads are grouped by KV head ([1, Hkv, G, D]: the G heads

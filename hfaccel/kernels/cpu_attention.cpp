@@ -13,9 +13,14 @@
 //   in order. The G = Hq / Hkv query heads h * G .. h * G + G - 1 share KV head h (grouped-query attention, the
 //   order repeat_kv gives). out = softmax(q k^T * scale) v per row and head, in fp32 (exp of score - row max,
 //   as sdpa does), so results equal sdpa's up to summation order.
+//
+// Every op takes q, k and v all float32 or all bfloat16 (a bf16 model's cache). bf16 is widened to fp32 as it is
+// read, all arithmetic is fp32, and a bf16 output is rounded once at the end: Inductor's fused loops that this
+// replaces in a bf16 compiled step rounded the scores and the probabilities to bf16 on the way.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include "simd.h"
@@ -24,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -52,6 +58,12 @@ inline __m256 exp256(__m256 x) {
 }
 
 using hfaccel_simd::hsum;
+
+// 8 lanes of K or V as fp32: bf16 is the top half of an fp32
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
 #endif
 
 // scores[0:L] = exp(scores - max) in place; returns their sum
@@ -76,31 +88,33 @@ inline float softmax_numerators(float* row, int64_t L) {
   return sum;
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t D) {
   int64_t d = 0;
   float s = 0.f;
 #ifdef __AVX2__
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; d + 16 <= D; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), load8(b + d + 8), acc1);
   }
-  for (; d + 8 <= D; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+  for (; d + 8 <= D; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc0);
   s = hsum(_mm256_add_ps(acc0, acc1));
 #endif
-  for (; d < D; ++d) s += a[d] * b[d];
+  for (; d < D; ++d) s += a[d] * float(b[d]);
   return s;
 }
 
 // acc[0:D] += p * v[0:D]
-inline void axpy(float* acc, float p, const float* v, int64_t D) {
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t D) {
   int64_t d = 0;
 #ifdef __AVX2__
   __m256 vp = _mm256_set1_ps(p);
   for (; d + 8 <= D; d += 8)
-    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vp, load8(v + d), _mm256_loadu_ps(acc + d)));
 #endif
-  for (; d < D; ++d) acc[d] += p * v[d];
+  for (; d < D; ++d) acc[d] += p * float(v[d]);
 }
 
 
@@ -108,17 +122,17 @@ inline void axpy(float* acc, float p, const float* v, int64_t D) {
 // One (row, KV head) task with its G query heads known at compile time and D a multiple of 8: the G dot
 // products of a key share its loads (G independent FMA chains), and the value sums keep CH registers of each
 // head's output in registers across all keys, so nothing is stored per key.
-template <int G>
-void task_avx2(const float* qh, const float* kh, const float* vh, const int64_t* st, const int64_t* ln, int64_t s0,
+template <int G, typename T>
+void task_avx2(const float* qh, const T* kh, const T* vh, const int64_t* st, const int64_t* ln, int64_t s0,
                int64_t s1, int64_t L, int64_t D, float sc, float* scores, float* oh) {
   int64_t t = 0;
   for (int64_t i = s0; i < s1; ++i) {
     for (int64_t j = 0; j < ln[i]; ++j, ++t) {
-      const float* kr = kh + (st[i] + j) * D;
+      const T* kr = kh + (st[i] + j) * D;
       __m256 acc[G];
       for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
-        __m256 kv = _mm256_loadu_ps(kr + d);
+        __m256 kv = load8(kr + d);
         for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + d), kv, acc[g]);
       }
       for (int g = 0; g < G; ++g) scores[g * L + t] = hsum(acc[g]) * sc;
@@ -135,10 +149,10 @@ void task_avx2(const float* qh, const float* kh, const float* vh, const int64_t*
     t = 0;
     for (int64_t i = s0; i < s1; ++i) {
       for (int64_t j = 0; j < ln[i]; ++j, ++t) {
-        const float* vr = vh + (st[i] + j) * D + d0;
+        const T* vr = vh + (st[i] + j) * D + d0;
         for (int c = 0; c < CH; ++c) {
           if (c >= ch) break;
-          __m256 vv = _mm256_loadu_ps(vr + 8 * c);
+          __m256 vv = load8(vr + 8 * c);
           for (int g = 0; g < G; ++g) acc[g][c] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * L + t]), vv, acc[g][c]);
         }
       }
@@ -149,20 +163,22 @@ void task_avx2(const float* qh, const float* kh, const float* vh, const int64_t*
   }
 }
 
-using TaskFn = void (*)(const float*, const float*, const float*, const int64_t*, const int64_t*, int64_t, int64_t,
+template <typename T>
+using TaskFn = void (*)(const float*, const T*, const T*, const int64_t*, const int64_t*, int64_t, int64_t,
                         int64_t, int64_t, float, float*, float*);
 
-TaskFn task_for(int64_t G, int64_t D) {
+template <typename T>
+TaskFn<T> task_for(int64_t G, int64_t D) {
   if (D % 8) return nullptr;
   switch (G) {
-    case 1: return task_avx2<1>;
-    case 2: return task_avx2<2>;
-    case 3: return task_avx2<3>;
-    case 4: return task_avx2<4>;
-    case 5: return task_avx2<5>;
-    case 6: return task_avx2<6>;
-    case 7: return task_avx2<7>;
-    case 8: return task_avx2<8>;
+    case 1: return task_avx2<1, T>;
+    case 2: return task_avx2<2, T>;
+    case 3: return task_avx2<3, T>;
+    case 4: return task_avx2<4, T>;
+    case 5: return task_avx2<5, T>;
+    case 6: return task_avx2<6, T>;
+    case 7: return task_avx2<7, T>;
+    case 8: return task_avx2<8, T>;
     default: return nullptr;
   }
 }
@@ -170,12 +186,12 @@ TaskFn task_for(int64_t G, int64_t D) {
 
 // The (row, KV head) tasks of one layer, split over the threads. Row b's keys are its segments
 // st[rp[b]] .. (ln, in slots of its KV heads' blocks kv_base(b, h)); out [B, Hq, D].
-template <typename KvBase>
+template <typename T, typename KvBase>
 void attend(const float* qp, float* op, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float sc, const int64_t* st,
             const int64_t* ln, const int64_t* rp, KvBase kv_base) {
   const int64_t G = Hq / Hkv;
 #ifdef __AVX2__
-  const TaskFn fast = task_for(G, D);
+  const TaskFn<T> fast = task_for<T>(G, D);
 #endif
   // one task per (row, KV head); a grain of 1: tasks are a few hundred keys each, already coarse
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -200,7 +216,7 @@ void attend(const float* qp, float* op, int64_t B, int64_t Hq, int64_t Hkv, int6
       int64_t t = 0;
       for (int64_t i = rp[b]; i < rp[b + 1]; ++i) {
         for (int64_t j = 0; j < ln[i]; ++j, ++t) {
-          const float* kr = kh + (st[i] + j) * D;
+          const T* kr = kh + (st[i] + j) * D;
           for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qh + g * D, kr, D) * sc;
         }
       }
@@ -213,7 +229,7 @@ void attend(const float* qp, float* op, int64_t B, int64_t Hq, int64_t Hkv, int6
       t = 0;
       for (int64_t i = rp[b]; i < rp[b + 1]; ++i) {
         for (int64_t j = 0; j < ln[i]; ++j, ++t) {
-          const float* vr = vh + (st[i] + j) * D;
+          const T* vr = vh + (st[i] + j) * D;
           for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * L + t], vr, D);
         }
       }
@@ -227,11 +243,32 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   TORCH_CHECK(q.dim() == 3, what, ": q must be [B, Hq, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == kdim && k.sizes() == v.sizes(), what, ": k and v must be the same ",
               kdim == 3 ? "[Hkv, S, D]" : "[B, Hkv, T, D]", ", got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              what, ": q, k and v must be float32");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt, what,
+              ": q, k and v must be all float32 or all bfloat16, got ", q.scalar_type(), ", ", k.scalar_type(),
+              " and ", v.scalar_type());
   TORCH_CHECK(k.size(-1) == q.size(2), what, ": head_dim of k (", k.size(-1), ") != head_dim of q (", q.size(2), ")");
   const int64_t Hkv = k.size(-3);
   TORCH_CHECK(Hkv > 0 && q.size(1) % Hkv == 0, what, ": Hq (", q.size(1), ") is not a multiple of Hkv (", Hkv, ")");
+}
+
+// Calls f(q, out, k, v) with fp32 pointers to q and the output and k / v's own pointers (float or bf16), q
+// contiguous [R, Hq, D]; returns the output in q's dtype (bf16: q widened before, the output rounded after).
+template <typename Fn>
+at::Tensor with_dtype(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc, Fn f) {
+  auto out = at::empty(qc.sizes(), qc.options());
+  if (qc.scalar_type() == at::kFloat) {
+    f(qc.data_ptr<float>(), out.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>());
+    return out;
+  }
+  const int64_t n = qc.numel();
+  std::vector<float> qf(static_cast<size_t>(n)), of(static_cast<size_t>(n));
+  const c10::BFloat16* qb = qc.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < n; ++i) qf[i] = float(qb[i]);
+  f(qf.data(), of.data(), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>());
+  c10::BFloat16* ob = out.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < n; ++i) ob[i] = c10::BFloat16(of[i]);
+  return out;
 }
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg_start,
@@ -259,12 +296,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tens
     }
     TORCH_CHECK(total > 0, "paged_decode: row ", b, " has no keys");
   }
-  auto out = at::empty({B, Hq, D}, q.options());
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
-  attend(qc.data_ptr<float>(), out.data_ptr<float>(), B, Hq, Hkv, D, static_cast<float>(scale), st, ln, rp,
-         [&](int64_t, int64_t h) { return std::make_pair(kp + h * S * D, vp + h * S * D); });
-  return out;
+  return with_dtype(qc, kc, vc, [&](const float* qp, float* op, const auto* kp, const auto* vp) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(kp)>>;
+    attend<T>(qp, op, B, Hq, Hkv, D, static_cast<float>(scale), st, ln, rp,
+              [&](int64_t, int64_t h) { return std::make_pair(kp + h * S * D, vp + h * S * D); });
+  });
 }
 
 // The compiled decode step's attention: one query token per row over the row's own [Hkv, T, D] block of a
@@ -294,15 +330,14 @@ at::Tensor buffer_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                 per > 1 ? " token " : "", per > 1 ? std::to_string(r % per) : std::string(), " has no valid column");
     rp.push_back(static_cast<int64_t>(st.size()));
   }
-  auto out = at::empty({R, Hq, D}, q.options());
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
-  attend(qc.data_ptr<float>(), out.data_ptr<float>(), R, Hq, Hkv, D, static_cast<float>(scale), st.data(),
-         ln.data(), rp.data(), [&](int64_t r, int64_t h) {
-           const int64_t off = (r / per * Hkv + h) * T * D;
-           return std::make_pair(kp + off, vp + off);
-         });
-  return out;
+  return with_dtype(qc, kc, vc, [&](const float* qp, float* op, const auto* kp, const auto* vp) {
+    using E = std::remove_cv_t<std::remove_pointer_t<decltype(kp)>>;
+    attend<E>(qp, op, R, Hq, Hkv, D, static_cast<float>(scale), st.data(), ln.data(), rp.data(),
+              [&](int64_t r, int64_t h) {
+                const int64_t off = (r / per * Hkv + h) * T * D;
+                return std::make_pair(kp + off, vp + off);
+              });
+  });
 }
 
 at::Tensor buffer_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,

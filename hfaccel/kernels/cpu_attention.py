@@ -32,19 +32,19 @@ def status() -> tuple[bool, str]:
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor,
                  seg_len: torch.Tensor, row_ptr: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, Hq, D], k / v [Hkv, S, D] (one layer of the pool), row b over the runs row_ptr[b]:row_ptr[b+1]
-    of (seg_start, seg_len) -> [B, Hq, D]. float32 only."""
+    of (seg_start, seg_len) -> [B, Hq, D]. q, k and v all float32 or all bfloat16 (computed in fp32)."""
     return torch.ops.hfaccel_cpu_attn.paged_decode(q, k, v, seg_start, seg_len, row_ptr, scale)
 
 
 def buffer_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, Hq, D], k / v [B, Hkv, T, D] (a compiled decode step's buffer of one layer), valid [B, T] bool ->
-    [B, Hq, D]: each row over its valid columns only. float32 only."""
+    [B, Hq, D]: each row over its valid columns only. float32 or bfloat16, as paged_decode."""
     return torch.ops.hfaccel_cpu_attn.buffer_decode(q, k, v, valid, scale)
 
 
 def buffer_verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, W, Hq, D] (a speculative verify's W tokens per row), k / v [B, Hkv, T, D], allowed [B, W, T] bool
-    (the columns each token may see) -> [B, W, Hq, D]. float32 only."""
+    (the columns each token may see) -> [B, W, Hq, D]. float32 or bfloat16, as paged_decode."""
     return torch.ops.hfaccel_cpu_attn.buffer_verify(q, k, v, allowed, scale)
 
 

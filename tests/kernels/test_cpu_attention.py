@@ -37,9 +37,17 @@ def test_matches_each_row_alone(hq, hkv, d):
     k, v = torch.randn(hkv, slots, d), torch.randn(hkv, slots, d)
     segments = [[(0, 300)], [(512, 16), (100, 37), (700, 5)], [(900, 1)], [(320, 7)], [(1000, 24)]]
     q = torch.randn(len(segments), hq, d) * 2
-    out = cpu_attention.paged_decode(q, k, v, *cpu_attention.segments_tensors(segments, "cpu"), 0.3)
+    segs = cpu_attention.segments_tensors(segments, "cpu")
+    out = cpu_attention.paged_decode(q, k, v, *segs, 0.3)
     assert out.shape == q.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, reference(q, k, v, segments, 0.3), rtol=2e-5, atol=2e-5)
+    # bf16 (a bf16 model's pool): read as fp32, computed in fp32, rounded once - the fp32 op on the same values
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    got = cpu_attention.paged_decode(qb, kb, vb, *segs, 0.3)
+    assert got.dtype == torch.bfloat16
+    want = cpu_attention.paged_decode(qb.float(), kb.float(), vb.float(), *segs, 0.3)
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(got.float(), reference(q, k, v, segments, 0.3), rtol=0.03, atol=0.03)
 
 
 def test_large_scores_do_not_overflow_and_tiny_probabilities_flush_cleanly():
@@ -64,8 +72,10 @@ def test_bad_arguments_name_what_is_wrong():
         cpu_attention.paged_decode(torch.zeros(2, 4, 8), k, v, *ok, 1.0)
     with pytest.raises(RuntimeError, match="not a multiple of Hkv"):
         cpu_attention.paged_decode(torch.zeros(1, 3, 8), k, v, *ok, 1.0)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16, got BFloat16, Float and Float"):
         cpu_attention.paged_decode(q.bfloat16(), k, v, *ok, 1.0)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16, got Half"):
+        cpu_attention.paged_decode(q.half(), k.half(), v.half(), *ok, 1.0)
 
 
 def test_row_kernel_choice():
@@ -75,12 +85,15 @@ def test_row_kernel_choice():
     pool = KVPool(1, 1, 8, 4)
     assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8)) == "cpp"
     assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) == "sdpa"
+    bf16_pool = KVPool(1, 1, 8, 4, dtype=torch.bfloat16)
+    assert attention.row_kernel_for(bf16_pool, torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) == "cpp"
+    assert attention.row_kernel_for(bf16_pool, torch.zeros(1, 1, 1, 8)) == "sdpa"
     assert attention.row_kernel_for(KVPool(1, 1, 8, 4, kv_dtype="int8"), torch.zeros(1, 1, 1, 8)) == "sdpa"
     try:
         attention.set_row_kernel("sdpa")
         assert attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8)) == "sdpa"
         attention.set_row_kernel("cpp")
-        with pytest.raises(RuntimeError, match="takes float32 on the CPU"):
+        with pytest.raises(RuntimeError, match="takes float32 or bfloat16 on the CPU"):
             attention.row_kernel_for(pool, torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16))
         with pytest.raises(ValueError, match="allowed: auto, cpp, sdpa"):
             attention.set_row_kernel("triton")
@@ -110,6 +123,11 @@ def test_buffer_decode_reads_only_the_valid_columns(hq, hkv, d):
     k2[~valid[:, None, :, None].expand_as(k2)] = float("nan")
     v2[~valid[:, None, :, None].expand_as(v2)] = float("nan")
     assert torch.equal(cpu_attention.buffer_decode(q, k2, v2, valid, 0.3), got)
+    # a bf16 step's buffer: the fp32 op on the same bf16 values, rounded once; masked NaN still never read
+    got16 = cpu_attention.buffer_decode(q.bfloat16(), k2.bfloat16(), v2.bfloat16(), valid, 0.3)
+    assert got16.dtype == torch.bfloat16
+    want16 = cpu_attention.buffer_decode(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), valid, 0.3)
+    torch.testing.assert_close(got16.float(), want16, rtol=2 ** -8, atol=1e-6)
 
 
 def test_buffer_decode_bad_arguments_name_what_is_wrong():
