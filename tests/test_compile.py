@@ -191,6 +191,36 @@ def test_every_graph_of_the_decoder_drops_the_module_guards(monkeypatch):
     assert all(o.get("guard_filter_fn") is torch.compiler.skip_guard_on_all_nn_modules_unsafe for o in seen)
 
 
+def _resize_vocab(model, ref, extra: int = 8) -> None:
+    """The same new token rows on both (resize_token_embeddings initialises them at random)."""
+    n = model.config.vocab_size + extra
+    for m in (model, ref):
+        m.resize_token_embeddings(n, mean_resizing=False)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
+        ref.get_output_embeddings().weight.copy_(model.get_output_embeddings().weight)
+
+
+@pytest.mark.parametrize("draft", [None, "prompt-lookup"])
+def test_a_model_changed_after_compiling_runs_uncompiled_and_says_why(draft):
+    """The graphs neither guard nor assert on the model's tensors (that cost ~1 ms per step): a parameter
+    replaced, resized, cast or moved after compiling is caught once per generate(), and that call decodes
+    without the graphs (Transformers' loop; with a draft the eager verify), with the same tokens."""
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    hfaccel.accelerate_model(model, kv_cache={"type": "paged", "max_cache_tokens": 4096}, compile={"enabled": True},
+                             **({"speculative": {"draft": draft}} if draft else {}))
+    ids = prompts(ref.config.vocab_size, batch=1, length=8)
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
+    stats = model.hfaccel_compile_stats
+    assert stats.compiled_calls == 1 and stats.fallback_calls == 0
+    _resize_vocab(model, ref)
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
+    assert stats.fallback_calls == 1
+    (reason,) = stats.fallback_reasons
+    assert "the model's tensors changed after it was compiled (model.embed_tokens.weight)" in reason
+    assert reason.endswith(": eager verify") == (draft is not None)
+
+
 def test_eager_inner_attention_and_int8_kv_skip():
     model = models.tiny("mistral")
     ref = models.tiny("mistral")

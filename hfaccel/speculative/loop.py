@@ -350,7 +350,11 @@ class Verifier:
 
             # a row's columns end at most max_k past its budget, and a verify writes max_k + 1 beyond that
             room = new + 2 * (self.policy.max_k + 1)
-            if self.compiled.has_room_for(b, columns_for(p, room)):
+            changed = self.compiled.changed()
+            if changed is not None:
+                self.compiled.stats.fallback_calls += 1
+                self.compiled.stats.fallback_reasons[f"{changed}: eager verify"] += 1
+            elif self.compiled.has_room_for(b, columns_for(p, room)):
                 policy.use_batch(b, self.compiled, self.sampling is None)   # first: measuring runs the step
                 self.buf = self.compiled.load_prefill(self.cache, p, cols, room)
                 self.col = torch.full((b,), p, dtype=torch.long, device=dev)
