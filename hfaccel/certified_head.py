@@ -1,4 +1,4 @@
-"""Greedy picks from a bf16 copy of an fp32 head, each one checked against an error bound.
+"""Greedy picks from a bf16 or int8 copy of an fp32 head, each one checked against an error bound.
 
 A greedy step needs only the argmax of the fp32 logits z = W h, and on the CPU the head is the largest single
 read of a small model's step (SmolLM2-135M: 49152x576, 113 MB of the ~540 MB read per token). The compiled
@@ -20,6 +20,21 @@ caller runs the full fp32 head for that token (counted in `hfaccel_compile_stats
 
 Measured on SmolLM2-135M over 1024 positions of the CPython docs: the bound is 7-10x the actual largest
 error, and the best 64 certified every position (the best 32: 99.8%).
+
+The copy can also be int8 with a scale per row (kind "int8", where hfaccel's int8 kernel is built: a quarter
+of the fp32 bytes, fp32 activations, fp32 sums). Its error is known row by row when the copy is made,
+e_j = W_j - s_j q_j, so each token j gets its own bound
+
+    |z_j - a_j| <= E_j = ||h||_2 * (||e_j||_2 + d * 2^-23 * max_i max(||W_i||_2, ||s_i q_i||_2)) + 2^-23 * max_i |a_i|
+
+- Cauchy-Schwarz on sum_k h_k e_jk;
+- the fp32 sums of the kernel and of the recomputation, d * 2^-24 relative each;
+- the kernel's one multiplication by s_j, 2^-24 |a_j|, counted twice over;
+and the pick is certified when every token outside the K candidates has a_j + E_j below the best recomputed
+logit. Per row rather than the largest row's: on SmolLM2 over 1024 positions of the CPython docs the largest
+||e_j|| is 2.9x the median (rare tokens' rows), and one bound for all certified 73% of the positions with the
+best 64, per-row bounds 100% (the best 16: 98.2%). `build` times both copies and keeps the faster (SmolLM2's
+49152x576 head on a 2-core AMX Xeon, one row, weights not in cache: int8 1.08 ms, bf16 2.79, fp32 4.00).
 """
 
 from __future__ import annotations
@@ -36,12 +51,41 @@ MIN_GAIN = 1.05             # used only where a step's head is measured at least
 REPS = 5
 
 
-class CertifiedHead:
-    """The bf16 copy of an fp32 head weight (oneDNN-reordered where it can be) and what the check needs."""
+KINDS = ("bf16", "int8")
 
-    def __init__(self, weight: torch.Tensor):
+
+def int8_available() -> bool:
+    """hfaccel's int8 kernel (fp32 activations and sums, the bound's premise) is built for this CPU."""
+    from .kernels import cpu_woq
+
+    return cpu_woq.use_native(torch.device("cpu"))
+
+
+class CertifiedHead:
+    """A low-precision copy of an fp32 head weight (bf16, oneDNN-reordered where it can be, or int8 with a
+    scale per row) and what the check needs."""
+
+    def __init__(self, weight: torch.Tensor, kind: str = "bf16"):
+        if kind not in KINDS:
+            raise ValueError(f"certified head kind {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
         self.weight = weight.detach()                       # the model's own fp32 [V, d] weight, not a copy
+        self.kind = kind
         v, d = self.weight.shape
+        self.k = min(TOP, v)
+        if kind == "int8":
+            if not int8_available():
+                raise RuntimeError("an int8 certified head needs hfaccel's int8 CPU kernel, which is not built here")
+            from .quant.layers import Int8Linear, quantize_int8_per_channel
+
+            q, scale = quantize_int8_per_channel(self.weight)
+            self.low = Int8Linear(q, scale)
+            deq = self.low.dequantize()
+            norm = max(float(self.weight.norm(dim=1).max()), float(deq.norm(dim=1).max()))
+            self.row_coef = (self.weight - deq).norm(dim=1) + norm * d * 2 ** -23           # [V]
+            self.coef = float(self.row_coef.max())
+            self.rel = 2 ** -23
+            self.bytes = sum(t.numel() * t.element_size() for t in self.low.buffers()) + v * 4
+            return
         low = nn.Linear(d, v, bias=False, device="meta")
         # row-major whatever the fp32 weight's layout (weight_layout may have made the head column-major):
         # aten's bf16 GEMV over a column-major copy took 186 ms instead of 4.7 ms (49152x576, Zen 3)
@@ -50,23 +94,36 @@ class CertifiedHead:
         # oneDNN-reordered where oneDNN has a bf16 path; elsewhere (an AVX2-only CPU) aten's bf16 GEMV, which
         # there still beat the fp32 head: 49152x576 at one row, 4.3 ms bf16 vs 11.5 ms fp32 (2 threads, Zen 3)
         self.low = PackedLinear(low) if available(torch.bfloat16) is None else low
-        self.k = min(TOP, v)
         self.coef = float(self.weight.norm(dim=1).max()) * (2 ** -8 + 2 ** -16 + d * 2 ** -23)
+        self.row_coef = None                                # one bound for every token
+        self.rel = 2 ** -8
         self.bytes = v * d * 2
 
     def approx(self, h: torch.Tensor) -> torch.Tensor:
-        """The bf16 head's logits [B, V] (float) for hidden states h [B, d]."""
+        """The copy's logits [B, V] (float) for fp32 hidden states h [B, d]."""
+        if self.kind == "int8":
+            return self.low(h)
         return self.low(h.to(torch.bfloat16)).float()
 
     def bound(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """[B]: no |fp32 logit - approx logit| of a row exceeds this (the module docstring derives it)."""
-        return self.coef * h.norm(dim=-1) + 2 ** -8 * a.abs().amax(dim=-1)
+        return self.coef * h.norm(dim=-1) + self.rel * a.abs().amax(dim=-1)
+
+    def token_bounds(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """[B, V]: |fp32 logit - approx logit| <= this, token by token (an int8 copy's rows differ; a bf16
+        copy's bound is the same for every token)."""
+        if self.row_coef is None:
+            return self.bound(h, a)[:, None].expand_as(a)
+        return h.norm(dim=-1, keepdim=True) * self.row_coef + self.rel * a.abs().amax(dim=-1, keepdim=True)
 
     def pick(self, h: torch.Tensor, blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [B, d] fp32 hidden states; blocked [V] bool, tokens that may not be picked (EOS before
         min_new_tokens). Returns (token [B], certified [B] bool)."""
         a = self.approx(h)
-        bound = self.bound(h, a)
+        if self.row_coef is None:
+            bound = self.bound(h, a)
+        else:
+            reach = a + self.token_bounds(h, a)                                    # no fp32 logit is above
         a = a.masked_fill(blocked, float("-inf"))
         top, idx = a.topk(self.k, dim=-1)                                          # [B, K]
         z = (self.weight[idx] * h[:, None, :]).sum(-1)                             # [B, K] fp32
@@ -74,7 +131,10 @@ class CertifiedHead:
         best = z.amax(dim=-1, keepdim=True)
         # the lowest token id among equal maxima, as argmax over the whole vocabulary picks
         token = torch.where(z == best, idx, a.shape[-1]).amin(dim=-1)
-        return token, top[:, -1] + bound < best[:, 0]
+        if self.row_coef is None:                  # the K-th best + the bound is above every token outside
+            return token, top[:, -1] + bound < best[:, 0]
+        outside = reach.masked_fill(blocked, float("-inf")).scatter(1, idx, float("-inf")).amax(dim=-1)
+        return token, outside < best[:, 0]
 
 
 def head_weight(model: nn.Module) -> tuple[torch.Tensor | None, str]:
@@ -130,16 +190,24 @@ def build(model: nn.Module) -> tuple[CertifiedHead | None, str]:
         if not torch.equal(head(hidden)[:, -1], full):
             return None, (f"{type(model).__name__}'s logits are not its head applied to its base model's last "
                           "hidden state (scaled or capped logits)")
-    cert = CertifiedHead(w)
     h = hidden[:, -1].float().contiguous()
     blocked = torch.zeros(vocab, dtype=torch.bool, device=w.device)
     now = _best_of(lambda: head(h[:, None]))
-    fast = _best_of(lambda: cert.pick(h, blocked))
+    timed = []                                          # (ms, kind, head): the faster copy is kept
+    for kind in KINDS:
+        if kind == "int8" and not int8_available():
+            continue
+        cert = CertifiedHead(w, kind)
+        timed.append((_best_of(lambda: cert.pick(h, blocked)), kind, cert))
+    fast, kind, cert = min(timed, key=lambda t: t[0])
+    others = ", ".join(f"{k} {t * 1e3:.2f}" for t, k, _ in timed if k != kind)
     if now < fast * MIN_GAIN:
-        return None, f"not faster here ({now * 1e3:.2f} ms per token as it is, {fast * 1e3:.2f} ms with a bf16 copy)"
-    return cert, (f"greedy steps read a bf16 copy of the head and recompute the best {cert.k} in fp32, each "
-                  f"pick checked against an error bound ({now * 1e3:.2f} -> {fast * 1e3:.2f} ms per token "
-                  f"eager, +{cert.bytes / 2**20:.0f} MiB)")
+        return None, (f"not faster here ({now * 1e3:.2f} ms per token as it is, {fast * 1e3:.2f} ms with a "
+                      f"{kind} copy)")
+    return cert, (f"greedy steps read a{'n' if kind == 'int8' else ''} {kind} copy of the head and recompute "
+                  f"the best {cert.k} in fp32, each pick checked against an error bound ({now * 1e3:.2f} -> "
+                  f"{fast * 1e3:.2f} ms per token eager{f'; {others} ms' if others else ''}, "
+                  f"+{cert.bytes / 2**20:.0f} MiB)")
 
 
 __all__ = ["CertifiedHead", "build", "head_weight"]

@@ -883,7 +883,8 @@ def plan_compile(model: nn.Module, ctx, cfg) -> Plan | Skip | None:
 
 
 def _attach_certified_head(rw, model: nn.Module, decoder: CompiledDecoder, c, notes: list[str]) -> None:
-    """compile.certified_head: greedy steps pick through a bf16 copy of the head, checked (certified_head.py)."""
+    """compile.certified_head: greedy steps pick through a bf16 or int8 copy of the head, checked
+    (certified_head.py)."""
     if not c.certified_head:
         return
     from .certified_head import build
@@ -893,7 +894,7 @@ def _attach_certified_head(rw, model: nn.Module, decoder: CompiledDecoder, c, no
         rw.set_attr(model, "hfaccel_certified_head", decoder.certified,
                     target="lm_head (compiled greedy steps)", label=label)
     elif label:
-        notes.append(f"certified bf16 head not used: {label}")
+        notes.append(f"certified head not used: {label}")
 
 
 def _install_decoder(rw, model: nn.Module, mode: str, cpp_wrapper: bool = False) -> CompiledDecoder:

@@ -279,10 +279,10 @@ class CompileConfig(_Section):
     cpp_wrapper: bool = _opt(False, doc="Inductor writes the step's wrapper in C++ instead of Python (CPU): less overhead "
                                         "per kernel call (SmolLM2 int4: ~9% faster decode), about twice the first "
                                         "compile (28 -> 60 s; cached on disk afterwards)")
-    certified_head: bool = _opt(True, doc="greedy steps of an fp32 model on CPU pick from a bf16 copy of the head, "
-                                          "recompute the best 64 in fp32 and check the pick against an error bound "
-                                          "(else the fp32 head runs): the same tokens, half the head's bytes; used "
-                                          "where measured faster")
+    certified_head: bool = _opt(True, doc="greedy steps of an fp32 model on CPU pick from a bf16 or int8 copy of the "
+                                          "head (the faster here), recompute the best 64 in fp32 and check the pick "
+                                          "against an error bound (else the fp32 head runs): the same tokens, a half "
+                                          "or a quarter of the head's bytes; used where measured faster")
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def weight_bytes(model: nn.Module) -> int:
         packed = getattr(m, "packed", None)
         if isinstance(packed, torch.Tensor) and packed.is_mkldnn:
             total += packed.numel() * packed.element_size()
-    head = model.__dict__.get("hfaccel_certified_head")   # the compiled step's bf16 copy of the head
+    head = model.__dict__.get("hfaccel_certified_head")   # the compiled step's bf16 or int8 copy of the head
     if head is not None:
         total += head.bytes
     return total

@@ -1,6 +1,6 @@
-"""The certified bf16 head (hfaccel/certified_head.py): its bound holds, a pick it certifies is the fp32
-argmax, what it cannot rule out is reported and redone with the fp32 head, and greedy decoding through it
-is token-exact."""
+"""The certified head (hfaccel/certified_head.py), its bf16 and int8 copies: the bounds hold, a pick it
+certifies is the fp32 argmax, what it cannot rule out is reported and redone with the fp32 head, and greedy
+decoding through it is token-exact."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 import hfaccel
 from hfaccel import certified_head, models
-from hfaccel.certified_head import CertifiedHead, build
+from hfaccel.certified_head import KINDS, CertifiedHead, build, int8_available
 from tests.conftest import greedy, needs_default_model, prompts
 from tests.test_compile import left_padded
 
@@ -22,16 +22,34 @@ def head_of(v: int = 3000, d: int = 96, seed: int = 0) -> tuple[torch.Tensor, to
     return w, h
 
 
-def test_the_bound_covers_the_bf16_error_and_a_certified_pick_is_the_fp32_argmax():
+def kinds():
+    return [pytest.param(k, marks=pytest.mark.skipif(k == "int8" and not int8_available(),
+                                                     reason="hfaccel's int8 CPU kernel is not built here"))
+            for k in KINDS]
+
+
+@pytest.mark.parametrize("kind", kinds())
+def test_the_bound_covers_the_copys_error_and_a_certified_pick_is_the_fp32_argmax(kind):
     w, h = head_of()
-    cert = CertifiedHead(w)
+    w[5] *= 20                                               # one row far larger than the rest (a rare token)
+    cert = CertifiedHead(w, kind)
     z = h @ w.T
     a = cert.approx(h)
-    err = (z - a).abs().amax(dim=-1)
-    assert (err > 0).all() and (err <= cert.bound(h, a)).all()
+    err = (z - a).abs()
+    per_token = cert.token_bounds(h, a)
+    assert (err.amax(dim=-1) > 0).all() and (err <= per_token).all()
+    assert (per_token <= cert.bound(h, a)[:, None]).all()
+    if kind == "int8":                                       # its own row's error, not the largest row's
+        assert (per_token[:, 5] > 10 * per_token[:, 4]).all()
     token, checked = cert.pick(h, torch.zeros(w.shape[0], dtype=torch.bool))
     assert checked.all()
     assert torch.equal(token, z.argmax(dim=-1))
+
+
+def test_an_unknown_kind_is_refused_by_name():
+    w, _ = head_of(v=64)
+    with pytest.raises(ValueError, match="'fp8' is not allowed; allowed: bf16, int8"):
+        CertifiedHead(w, "fp8")
 
 
 def test_the_bf16_copy_is_row_major_when_the_head_is_column_major():
@@ -46,27 +64,29 @@ def test_the_bf16_copy_is_row_major_when_the_head_is_column_major():
     torch.testing.assert_close(cert.approx(h), CertifiedHead(w).approx(h), rtol=0, atol=0)
 
 
-def test_blocked_tokens_are_never_picked():
+@pytest.mark.parametrize("kind", kinds())
+def test_blocked_tokens_are_never_picked(kind):
     w, h = head_of(seed=1)
     z = h @ w.T
     blocked = torch.zeros(w.shape[0], dtype=torch.bool)
     blocked[z.argmax(dim=-1)] = True                        # every row's favourite
-    token, checked = CertifiedHead(w).pick(h, blocked)
+    token, checked = CertifiedHead(w, kind).pick(h, blocked)
     assert checked.all() and not blocked[token].any()
     assert torch.equal(token, z.masked_fill(blocked, float("-inf")).argmax(dim=-1))
 
 
-def test_a_rival_outside_the_candidates_leaves_the_pick_unchecked_and_ties_go_to_the_lowest_id():
+@pytest.mark.parametrize("kind", kinds())
+def test_a_rival_outside_the_candidates_leaves_the_pick_unchecked_and_ties_go_to_the_lowest_id(kind):
     w, h = head_of(v=500, seed=2)
     h = h[:1]
     best = int((h @ w.T).argmax())
-    w[7] = w[best] * (1 + 1e-6)                              # a near twin: within any bf16 error of the best
-    cert = CertifiedHead(w)
+    w[7] = w[best] * (1 + 1e-6)                              # a near twin: within any copy's error of the best
+    cert = CertifiedHead(w, kind)
     cert.k = 1                                               # only one candidate: the twin is outside it
     _, checked = cert.pick(h, torch.zeros(500, dtype=torch.bool))
     assert not checked.any()
     w[7] = w[best]                                           # exact twins: both candidates now
-    cert = CertifiedHead(w)
+    cert = CertifiedHead(w, kind)
     token, checked = cert.pick(h, torch.zeros(500, dtype=torch.bool))
     assert checked.all() and int(token) == min(7, best) == int((h @ w.T).argmax())
 
@@ -134,15 +154,19 @@ def test_off_by_config_reported_lossless_and_gone_after_revert(always_used):
     change = next(c for c in report.changes if c.target == "lm_head (compiled greedy steps)")
     assert change.lossless and change.reversible and report.lossless
     assert "+0 MiB" in change.after and "best 64" in change.after
+    cert = model.hfaccel_certified_head
+    assert f"{cert.kind} copy" in change.after                                  # the faster of the two here
     vocab, hidden = model.lm_head.weight.shape
-    assert report.weight_bytes_after - report.weight_bytes_before == vocab * hidden * 2     # the bf16 copy
+    assert cert.bytes == (vocab * hidden * 2 if cert.kind == "bf16" else vocab * hidden + 2 * vocab * 4 + vocab * 2)
+    assert report.weight_bytes_after - report.weight_bytes_before == cert.bytes
     hfaccel.revert_model(model)
     assert "generate" not in model.__dict__ and not hasattr(model, "hfaccel_compile_stats")
     assert not hasattr(model, "hfaccel_certified_head")
 
 
 @needs_default_model
-def test_certifies_every_position_of_real_text_on_the_default_model(default_model):
+@pytest.mark.parametrize("kind", kinds())
+def test_certifies_every_position_of_real_text_on_the_default_model(default_model, kind):
     import pydoc_data.topics
 
     model, tok = default_model
@@ -151,7 +175,7 @@ def test_certifies_every_position_of_real_text_on_the_default_model(default_mode
     with torch.inference_mode():
         h = model.model(input_ids=ids).last_hidden_state[0]
         want = model.lm_head(h).argmax(dim=-1)
-    cert = CertifiedHead(model.lm_head.weight)
+    cert = CertifiedHead(model.lm_head.weight, kind)
     token, checked = cert.pick(h, torch.zeros(cert.weight.shape[0], dtype=torch.bool))
     assert checked.all()
     assert torch.equal(token, want)
