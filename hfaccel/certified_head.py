@@ -31,7 +31,8 @@ e_j = W_j - s_j q_j, so each token j gets its own bound
 - the fp32 sums of the kernel and of the recomputation, d * 2^-24 relative each;
 - the kernel's one multiplication by s_j, 2^-24 |a_j|, counted twice over;
 and the pick is certified when every token outside the K candidates has a_j + E_j below the best recomputed
-logit. Per row rather than the largest row's: on SmolLM2 over 1024 positions of the CPython docs the largest
+logit. The int8 copy serves up to INT8_ROWS rows (its kernel computes in fp32); more rows (a batch, a
+speculative verify) read the bf16 copy, which an int8 head therefore holds too. Per row rather than the largest row's: on SmolLM2 over 1024 positions of the CPython docs the largest
 ||e_j|| is 2.9x the median (rare tokens' rows), and one bound for all certified 73% of the positions with the
 best 64, per-row bounds 100% (the best 16: 98.2%). `build` times both copies and keeps the faster (SmolLM2's
 49152x576 head on a 2-core AMX Xeon, one row, weights not in cache: int8 1.08 ms, bf16 2.79, fp32 4.00).
@@ -61,27 +62,25 @@ def int8_available() -> bool:
     return cpu_woq.use_native(torch.device("cpu"))
 
 
-class CertifiedHead:
-    """A low-precision copy of an fp32 head weight (bf16, oneDNN-reordered where it can be, or int8 with a
-    scale per row) and what the check needs."""
+INT8_ROWS = 6   # the int8 copy for up to this many rows, the bf16 copy above: hfaccel's int8 kernel computes
+                # in fp32 (AMX Xeon, 49152x576, cold: 1.0 / 1.35 / 2.5 / 4.6 ms at 1 / 4 / 8 / 16 rows against
+                # oneDNN bf16's 2.9 / 2.4 / 2.8 / 3.0)
 
-    def __init__(self, weight: torch.Tensor, kind: str = "bf16"):
-        if kind not in KINDS:
-            raise ValueError(f"certified head kind {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
-        self.weight = weight.detach()                       # the model's own fp32 [V, d] weight, not a copy
+
+class _Copy:
+    """One low-precision copy of the head and its error bound."""
+
+    def __init__(self, weight: torch.Tensor, kind: str):
+        v, d = weight.shape
         self.kind = kind
-        v, d = self.weight.shape
-        self.k = min(TOP, v)
         if kind == "int8":
-            if not int8_available():
-                raise RuntimeError("an int8 certified head needs hfaccel's int8 CPU kernel, which is not built here")
             from .quant.layers import Int8Linear, quantize_int8_per_channel
 
-            q, scale = quantize_int8_per_channel(self.weight)
+            q, scale = quantize_int8_per_channel(weight)
             self.low = Int8Linear(q, scale)
             deq = self.low.dequantize()
-            norm = max(float(self.weight.norm(dim=1).max()), float(deq.norm(dim=1).max()))
-            self.row_coef = (self.weight - deq).norm(dim=1) + norm * d * 2 ** -23           # [V]
+            norm = max(float(weight.norm(dim=1).max()), float(deq.norm(dim=1).max()))
+            self.row_coef = (weight - deq).norm(dim=1) + norm * d * 2 ** -23             # [V]
             self.coef = float(self.row_coef.max())
             self.rel = 2 ** -23
             self.bytes = sum(t.numel() * t.element_size() for t in self.low.buffers()) + v * 4
@@ -89,41 +88,78 @@ class CertifiedHead:
         low = nn.Linear(d, v, bias=False, device="meta")
         # row-major whatever the fp32 weight's layout (weight_layout may have made the head column-major):
         # aten's bf16 GEMV over a column-major copy took 186 ms instead of 4.7 ms (49152x576, Zen 3)
-        low.weight = nn.Parameter(self.weight.to(torch.bfloat16, memory_format=torch.contiguous_format),
+        low.weight = nn.Parameter(weight.to(torch.bfloat16, memory_format=torch.contiguous_format),
                                   requires_grad=False)
         # oneDNN-reordered where oneDNN has a bf16 path; elsewhere (an AVX2-only CPU) aten's bf16 GEMV, which
         # there still beat the fp32 head: 49152x576 at one row, 4.3 ms bf16 vs 11.5 ms fp32 (2 threads, Zen 3)
         self.low = PackedLinear(low) if available(torch.bfloat16) is None else low
-        self.coef = float(self.weight.norm(dim=1).max()) * (2 ** -8 + 2 ** -16 + d * 2 ** -23)
+        self.coef = float(weight.norm(dim=1).max()) * (2 ** -8 + 2 ** -16 + d * 2 ** -23)
         self.row_coef = None                                # one bound for every token
         self.rel = 2 ** -8
         self.bytes = v * d * 2
 
     def approx(self, h: torch.Tensor) -> torch.Tensor:
-        """The copy's logits [B, V] (float) for fp32 hidden states h [B, d]."""
         if self.kind == "int8":
             return self.low(h)
         return self.low(h.to(torch.bfloat16)).float()
 
+
+class CertifiedHead:
+    """Low-precision copies of an fp32 head weight and what the check needs: a bf16 copy (oneDNN-reordered
+    where it can be), and with kind "int8" also an int8 copy with a scale per row, read for up to INT8_ROWS
+    rows at a time."""
+
+    def __init__(self, weight: torch.Tensor, kind: str = "bf16", bf16: "CertifiedHead | None" = None):
+        """bf16: a bf16 CertifiedHead of the same weight whose copy an int8 one reuses."""
+        if kind not in KINDS:
+            raise ValueError(f"certified head kind {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
+        if kind == "int8" and not int8_available():
+            raise RuntimeError("an int8 certified head needs hfaccel's int8 CPU kernel, which is not built here")
+        self.weight = weight.detach()                       # the model's own fp32 [V, d] weight, not a copy
+        self.kind = kind
+        self.k = min(TOP, self.weight.shape[0])
+        same = bf16 is not None and bf16.weight.data_ptr() == self.weight.data_ptr()
+        shared = bf16.copies[-1] if same else None
+        self.copies = [_Copy(self.weight, "int8")] if kind == "int8" else []
+        self.copies.append(shared or _Copy(self.weight, "bf16"))
+        self.bytes = sum(c.bytes for c in self.copies)
+
+    @property
+    def low(self) -> nn.Module:
+        """The bf16 copy's layer."""
+        return self.copies[-1].low
+
+    def copy_for(self, rows: int) -> _Copy:
+        return self.copies[0] if rows <= INT8_ROWS else self.copies[-1]
+
+    def approx(self, h: torch.Tensor) -> torch.Tensor:
+        """The copy's logits [B, V] (float) for fp32 hidden states h [B, d]."""
+        return self.copy_for(h.shape[0]).approx(h)
+
     def bound(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """[B]: no |fp32 logit - approx logit| of a row exceeds this (the module docstring derives it)."""
-        return self.coef * h.norm(dim=-1) + self.rel * a.abs().amax(dim=-1)
+        c = self.copy_for(h.shape[0])
+        return c.coef * h.norm(dim=-1) + c.rel * a.abs().amax(dim=-1)
 
     def token_bounds(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """[B, V]: |fp32 logit - approx logit| <= this, token by token (an int8 copy's rows differ; a bf16
         copy's bound is the same for every token)."""
-        if self.row_coef is None:
+        c = self.copy_for(h.shape[0])
+        if c.row_coef is None:
             return self.bound(h, a)[:, None].expand_as(a)
-        return h.norm(dim=-1, keepdim=True) * self.row_coef + self.rel * a.abs().amax(dim=-1, keepdim=True)
+        return h.norm(dim=-1, keepdim=True) * c.row_coef + c.rel * a.abs().amax(dim=-1, keepdim=True)
 
-    def pick(self, h: torch.Tensor, blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(self, h: torch.Tensor, blocked: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h [B, d] fp32 hidden states; blocked [V] bool, tokens that may not be picked (EOS before
-        min_new_tokens). Returns (token [B], certified [B] bool)."""
-        a = self.approx(h)
-        if self.row_coef is None:
-            bound = self.bound(h, a)
+        min_new_tokens). Returns (token [B], certified [B] bool). rows (default B) chooses the copy: a graph
+        whose B is dynamic passes a static one."""
+        c = self.copy_for(h.shape[0] if rows is None else rows)
+        a = c.approx(h)
+        per_token = c.row_coef is not None
+        if per_token:
+            reach = a + h.norm(dim=-1, keepdim=True) * c.row_coef + c.rel * a.abs().amax(dim=-1, keepdim=True)
         else:
-            reach = a + self.token_bounds(h, a)                                    # no fp32 logit is above
+            bound = c.coef * h.norm(dim=-1) + c.rel * a.abs().amax(dim=-1)
         a = a.masked_fill(blocked, float("-inf"))
         top, idx = a.topk(self.k, dim=-1)                                          # [B, K]
         z = (self.weight[idx] * h[:, None, :]).sum(-1)                             # [B, K] fp32
@@ -131,7 +167,7 @@ class CertifiedHead:
         best = z.amax(dim=-1, keepdim=True)
         # the lowest token id among equal maxima, as argmax over the whole vocabulary picks
         token = torch.where(z == best, idx, a.shape[-1]).amin(dim=-1)
-        if self.row_coef is None:                  # the K-th best + the bound is above every token outside
+        if not per_token:                          # the K-th best + the bound is above every token outside
             return token, top[:, -1] + bound < best[:, 0]
         outside = reach.masked_fill(blocked, float("-inf")).scatter(1, idx, float("-inf")).amax(dim=-1)
         return token, outside < best[:, 0]
@@ -193,20 +229,20 @@ def build(model: nn.Module) -> tuple[CertifiedHead | None, str]:
     h = hidden[:, -1].float().contiguous()
     blocked = torch.zeros(vocab, dtype=torch.bool, device=w.device)
     now = _best_of(lambda: head(h[:, None]))
-    timed = []                                          # (ms, kind, head): the faster copy is kept
-    for kind in KINDS:
-        if kind == "int8" and not int8_available():
-            continue
-        cert = CertifiedHead(w, kind)
-        timed.append((_best_of(lambda: cert.pick(h, blocked)), kind, cert))
+    bf16 = CertifiedHead(w)
+    timed = [(_best_of(lambda: bf16.pick(h, blocked)), "bf16", bf16)]     # (s, kind, head): the faster is kept
+    if int8_available():
+        int8 = CertifiedHead(w, "int8", bf16=bf16)
+        timed.append((_best_of(lambda: int8.pick(h, blocked)), "int8", int8))
     fast, kind, cert = min(timed, key=lambda t: t[0])
-    others = ", ".join(f"{k} {t * 1e3:.2f}" for t, k, _ in timed if k != kind)
+    others = "".join(f"; {k} {t * 1e3:.2f} ms" for t, k, _ in timed if k != kind)
     if now < fast * MIN_GAIN:
         return None, (f"not faster here ({now * 1e3:.2f} ms per token as it is, {fast * 1e3:.2f} ms with a "
                       f"{kind} copy)")
-    return cert, (f"greedy steps read a{'n' if kind == 'int8' else ''} {kind} copy of the head and recompute "
-                  f"the best {cert.k} in fp32, each pick checked against an error bound ({now * 1e3:.2f} -> "
-                  f"{fast * 1e3:.2f} ms per token eager{f'; {others} ms' if others else ''}, "
+    what = (f"an int8 copy of the head (up to {INT8_ROWS} rows a step, its bf16 copy for more)" if kind == "int8"
+            else "a bf16 copy of the head")
+    return cert, (f"greedy steps read {what} and recompute the best {cert.k} in fp32, each pick checked against "
+                  f"an error bound ({now * 1e3:.2f} -> {fast * 1e3:.2f} ms per token eager{others}, "
                   f"+{cert.bytes / 2**20:.0f} MiB)")
 
 

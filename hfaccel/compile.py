@@ -373,6 +373,10 @@ class DecodeBuffers:
         return 2 * sum(t.numel() * t.element_size() for t in self.keys)
 
 
+VERIFY_ROWS = 4   # rows per batch row a verify graph's certified head is chosen for (its width is dynamic):
+                  # batch 1 reads the int8 copy (up to 8 rows faster than bf16 on SmolLM2's head), batch 2+ bf16
+
+
 def _options() -> dict:
     """torch.compile's options for each of the decoder's graphs: guards on the model's modules are dropped (1+ ms
     per call otherwise; a change of the model's structure goes through revert_model, which removes the decoder
@@ -488,7 +492,8 @@ class CompiledDecoder:
                  hfaccel_verify=verify).last_hidden_state
         b, w, d = h.shape
         blocked = eos[: self.certified.weight.shape[0]] & ~allow.reshape(b * w, 1)
-        token, checked = self.certified.pick(h.reshape(b * w, d), blocked)
+        # the graph is dynamic in w: the head's copy is chosen for b rows of a typical width (VERIFY_ROWS)
+        token, checked = self.certified.pick(h.reshape(b * w, d), blocked, rows=b * VERIFY_ROWS)
         return token.view(b, w), checked.view(b, w), h
 
     def verify_greedy(self, buf: DecodeBuffers, tokens: torch.Tensor, positions: torch.Tensor,

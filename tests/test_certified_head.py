@@ -10,7 +10,7 @@ from torch import nn
 
 import hfaccel
 from hfaccel import certified_head, models
-from hfaccel.certified_head import KINDS, CertifiedHead, build, int8_available
+from hfaccel.certified_head import INT8_ROWS, KINDS, CertifiedHead, build, int8_available
 from tests.conftest import greedy, needs_default_model, prompts
 from tests.test_compile import left_padded
 
@@ -33,6 +33,8 @@ def test_the_bound_covers_the_copys_error_and_a_certified_pick_is_the_fp32_argma
     w, h = head_of()
     w[5] *= 20                                               # one row far larger than the rest (a rare token)
     cert = CertifiedHead(w, kind)
+    if kind == "int8":                                       # the rows its int8 copy serves
+        h = h[:INT8_ROWS]
     z = h @ w.T
     a = cert.approx(h)
     err = (z - a).abs()
@@ -44,6 +46,20 @@ def test_the_bound_covers_the_copys_error_and_a_certified_pick_is_the_fp32_argma
     token, checked = cert.pick(h, torch.zeros(w.shape[0], dtype=torch.bool))
     assert checked.all()
     assert torch.equal(token, z.argmax(dim=-1))
+
+
+@pytest.mark.skipif(not int8_available(), reason="hfaccel's int8 CPU kernel is not built here")
+def test_an_int8_head_reads_its_bf16_copy_past_int8_rows_and_shares_it():
+    w, h = head_of()
+    bf16 = CertifiedHead(w)
+    int8 = CertifiedHead(w, "int8", bf16=bf16)
+    assert int8.low is bf16.low and int8.bytes == int8.copies[0].bytes + bf16.bytes
+    many, few = h[:INT8_ROWS + 1], h[:INT8_ROWS]
+    assert torch.equal(int8.approx(many), bf16.approx(many))
+    assert not torch.equal(int8.approx(few), bf16.approx(few))
+    for rows in (few, many):
+        token, checked = int8.pick(rows, torch.zeros(w.shape[0], dtype=torch.bool))
+        assert checked.all() and torch.equal(token, (rows @ w.T).argmax(dim=-1))
 
 
 def test_an_unknown_kind_is_refused_by_name():
@@ -128,8 +144,8 @@ def picks_wrong_and_unchecked(monkeypatch) -> None:
     """Every certified pick returns a wrong token and reports it unchecked: only the fp32 redo can be right."""
     real = CertifiedHead.pick
 
-    def wrong_and_unchecked(self, h, blocked):
-        token, _ = real(self, h, blocked)
+    def wrong_and_unchecked(self, h, blocked, rows=None):
+        token, _ = real(self, h, blocked, rows)
         return (token + 1) % self.weight.shape[0], torch.zeros_like(token, dtype=torch.bool)
 
     monkeypatch.setattr(CertifiedHead, "pick", wrong_and_unchecked)
@@ -157,7 +173,8 @@ def test_off_by_config_reported_lossless_and_gone_after_revert(always_used):
     cert = model.hfaccel_certified_head
     assert f"{cert.kind} copy" in change.after                                  # the faster of the two here
     vocab, hidden = model.lm_head.weight.shape
-    assert cert.bytes == (vocab * hidden * 2 if cert.kind == "bf16" else vocab * hidden + 2 * vocab * 4 + vocab * 2)
+    int8_bytes = vocab * hidden + 2 * vocab * 4 + vocab * 2          # codes, scales (fp32, bf16), row bounds
+    assert cert.bytes == vocab * hidden * 2 + (int8_bytes if cert.kind == "int8" else 0)
     assert report.weight_bytes_after - report.weight_bytes_before == cert.bytes
     hfaccel.revert_model(model)
     assert "generate" not in model.__dict__ and not hasattr(model, "hfaccel_compile_stats")
