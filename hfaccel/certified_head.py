@@ -136,17 +136,17 @@ class CertifiedHead:
         """The copy's logits [B, V] (float) for fp32 hidden states h [B, d]."""
         return self.copy_for(h.shape[0]).approx(h)
 
-    def bound(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def bound(self, h: torch.Tensor, a: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """[B]: no |fp32 logit - approx logit| of a row exceeds this (the module docstring derives it)."""
-        c = self.copy_for(h.shape[0])
+        c = self.copy_for(h.shape[0] if rows is None else rows)
         return c.coef * h.norm(dim=-1) + c.rel * a.abs().amax(dim=-1)
 
-    def token_bounds(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def token_bounds(self, h: torch.Tensor, a: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """[B, V]: |fp32 logit - approx logit| <= this, token by token (an int8 copy's rows differ; a bf16
         copy's bound is the same for every token)."""
-        c = self.copy_for(h.shape[0])
+        c = self.copy_for(h.shape[0] if rows is None else rows)
         if c.row_coef is None:
-            return self.bound(h, a)[:, None].expand_as(a)
+            return self.bound(h, a, rows)[:, None].expand_as(a)
         return h.norm(dim=-1, keepdim=True) * c.row_coef + c.rel * a.abs().amax(dim=-1, keepdim=True)
 
     def pick(self, h: torch.Tensor, blocked: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,9 +157,9 @@ class CertifiedHead:
         a = c.approx(h)
         per_token = c.row_coef is not None
         if per_token:
-            reach = a + h.norm(dim=-1, keepdim=True) * c.row_coef + c.rel * a.abs().amax(dim=-1, keepdim=True)
+            reach = a + self.token_bounds(h, a, rows)                              # no fp32 logit is above
         else:
-            bound = c.coef * h.norm(dim=-1) + c.rel * a.abs().amax(dim=-1)
+            bound = self.bound(h, a, rows)
         a = a.masked_fill(blocked, float("-inf"))
         top, idx = a.topk(self.k, dim=-1)                                          # [B, K]
         z = (self.weight[idx] * h[:, None, :]).sum(-1)                             # [B, K] fp32
