@@ -194,8 +194,8 @@ class FusionConfig(_Section):
     gate_up: bool = _opt(True, doc="one GEMM for gate and up projections, then act(gate) * up")
     rms_norm: bool = _opt(True, doc="RMSNorm as one op (F.rms_norm) where it is bit-identical; the residual add "
                                      "stays separate")
-    rope: bool = _opt(True, doc="fused rotary embedding: reported as not available in eager mode (the compiled "
-                                 "step fuses it)")
+    rope: bool = _opt(True, doc="rotary embedding of q and k as one op in eager mode on CPU where it is "
+                                 "bit-identical (a compiled step has Inductor fuse it)")
     weight_layout: bool = _opt(False, doc="column-major fp32 Linear weights on CPU where a one-token GEMV runs "
                                           "faster (measured per shape; sums in another order)")
     packed_weights: bool = _opt(False, doc="fp32/bf16 Linear layers on CPU run on oneDNN with weights reordered once, "

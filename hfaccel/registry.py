@@ -70,7 +70,7 @@ def register_feature(name: str, *, stage: str) -> Callable[[Planner], Planner]:
 
 def features() -> list[FeatureEntry]:
     """Registered features in application order (by stage, then registration order)."""
-    from . import attention, coded, compile, dtype, fusion, layout, pending, small_gemm, tp  # noqa: F401  (importing registers them)
+    from . import attention, coded, compile, dtype, fusion, layout, rope, small_gemm, tp  # noqa: F401  (importing registers them)
     from .cache import feature  # noqa: F401
     from .quant import feature as _quant  # noqa: F401
     from .speculative import feature as _spec  # noqa: F401

@@ -38,7 +38,7 @@ def assert_same(a, b):
 
 
 def test_report_lists_changes_skips_and_unavailable_features():
-    from hfaccel.kernels import cpu_attention
+    from hfaccel.kernels import cpu_attention, cpu_rope
 
     model = models.tiny("llama")
     model.set_attn_implementation("eager")
@@ -50,6 +50,9 @@ def test_report_lists_changes_skips_and_unavailable_features():
         ("fuse", "2 x q_proj+k_proj+v_proj (Linear)", "3 GEMMs", "1 GEMM [128, 64]"),
         ("fuse", "2 x gate_proj+up_proj (Linear)", "2 GEMMs", "1 GEMM [256, 64], then act(gate) * up"),
         ("fuse", "5 x LlamaRMSNorm", "module forward (6 ops)", "F.rms_norm (bit-identical on a probe)"),
+        *([("fuse_rope", "2 x LlamaAttention.apply_rotary_pos_emb", "about 10 tensor ops for q and k per layer",
+            "1 op (hfaccel_cpu_rope::rope, bit-identical on a probe; compiled graphs keep Transformers' ops for "
+            "Inductor)")] if cpu_rope.status()[0] else []),
         ("kv_cache", "hfaccel_kv_pool", "-", "256 blocks x 16 tokens (2.0 MiB, float32; max_cache_tokens = 4096)"),
         ("kv_cache", "config._attn_implementation", "eager", "hfaccel_paged"),
         ("kv_cache", "hfaccel_stats", "-", "prefix hits, reuse, evictions"),
@@ -61,24 +64,26 @@ def test_report_lists_changes_skips_and_unavailable_features():
          + ("hfaccel's C++ step attention for fp32 and bf16, " if cpu_attention.status()[0] else "")
          + "compiled at first call)")]
     assert report.lossless and report.reversible and not report.noop
-    unavailable = {s.feature for s in report.skipped if s.status == UNAVAILABLE}
-    assert unavailable == {"fuse_rope"}
+    assert not [s for s in report.skipped if s.status == UNAVAILABLE] and not report.unavailable
     assert report.spec == "llama" and report.architecture == "llama"
     d = json.loads(report.to_json())
-    assert d["changes"][4]["after"] == "hfaccel_paged" and d["lossless"] is True
+    kv = [c for c in d["changes"] if c["feature"] == "kv_cache"]
+    assert kv[1]["after"] == "hfaccel_paged" and d["lossless"] is True
     text = str(report)
-    assert "not available in this version" in text and "hfaccel_kv_pool" in text
+    assert "not available in this version" not in text and "hfaccel_kv_pool" in text
     assert model.hfaccel_report is report
 
 
-def test_every_requested_future_feature_is_reported_not_silently_dropped():
+def test_every_feature_a_preset_names_is_built_and_reported():
     model = models.tiny("llama")
     report = hfaccel.accelerate_model(model, "memory-saver", speculative={"draft": "prompt-lookup"},
                                       compile={"enabled": True}, kv_cache={"dtype": "model"})
     reasons = {s.feature: s.reason for s in report.skipped if s.status == UNAVAILABLE}
     assert "quantize" not in reasons and any(c.feature == "quantize" for c in report.changes)   # rtn int8 landed
     assert "speculative" not in reasons and any(c.feature == "speculative" for c in report.changes)
-    assert "compile" not in reasons and "fuse" not in reasons and "fuse_rope" in reasons
+    assert not reasons                                                       # every named feature is built
+    assert any(c.feature == "fuse_rope" for c in report.changes) or any(s.feature == "fuse_rope"
+                                                                         for s in report.skipped)
     assert not any(s.feature == "compile" for s in report.skipped)           # speculative: its verify step is compiled
     assert "hfaccel_compiled_verify" in [c.target for c in report.changes if c.feature == "compile"]
 
@@ -213,7 +218,7 @@ def test_attention_choices_and_refusals():
     report = hfaccel.accelerate_model(model, attention={"backend": "flash_attention_2"}, kv_cache=dynamic)
     skip = next(s for s in report.skipped if s.feature == "attention")
     assert skip.reason == "flash_attention_2 needs a CUDA device; the model is on cpu"
-    assert not [c for c in report.changes if c.feature != "fuse"]
+    assert not [c for c in report.changes if c.feature not in ("fuse", "fuse_rope")]
     hfaccel.revert_model(model)
     report = hfaccel.accelerate_model(model, attention={"backend": "eager"}, kv_cache=dynamic)
     assert [c.after for c in report.changes if c.feature == "attention"] == ["eager"]
