@@ -11,7 +11,9 @@ at 82.2 tok/s with a 116 ms TTFT against aten's 63.2 tok/s and 167 ms, cpu-int4 
 int8_mm and int4_mm widen the codes to fp32 in SIMD registers (AVX-512F where the CPU has it, else AVX2 + FMA)
 and keep the activations in fp32, rounding nothing but the weights. On a CPU with AVX-512 BF16 the int4 layers
 take int4_bf16_mm instead at decode sizes (up to 16 rows): x rounded to bf16, 32 codes turned into bf16 by one
-table lookup, vdpbf16ps (cold 1536x576 g64: 36.8 us against int4_mm's 44.0).
+table lookup, vdpbf16ps (cold 1536x576 g64: 36.8 us against int4_mm's 44.0). There, both also run prefill-sized
+calls (64+ rows) as one bf16 GEMM per block of dequantized rows (2-2.4x faster than their fp32 path at 100 rows;
+see cpu_woq.cpp); `native-fp32` keeps every call in fp32.
 
 The C++ source is built once per torch version and instruction set with torch.utils.cpp_extension (a C++
 compiler and ninja, ~15 s) into the hfaccel cache, and registers `torch.ops.hfaccel_cpu.int8_mm`, `int4_mm`,
@@ -19,7 +21,7 @@ compiler and ninja, ~15 s) into the hfaccel cache, and registers `torch.ops.hfac
 AVX2 + FMA, or when the build fails, the layers keep aten's kernels and `status()` says why.
 
 HFACCEL_CPU_QUANT_KERNEL chooses: `auto` and `native` (these kernels wherever they build; the default),
-`native-fp32` (these kernels, and int4 with fp32 activations even where the CPU has AVX-512 BF16), `aten`
+`native-fp32` (these kernels, with fp32 activations at every size even where the CPU has AVX-512 BF16), `aten`
 (never these kernels).
 """
 
@@ -68,7 +70,14 @@ def _build() -> tuple[bool, str]:
     ok, why = build_extension("hfaccel_cpu_woq", SOURCE, [*portable_flags(avx512=True), "-ffp-contract=off"])
     if ok:
         _register_fakes()
+        torch.ops.hfaccel_cpu.set_bf16_prefill(bf16_prefill())
     return ok, why
+
+
+def bf16_prefill() -> bool:
+    """Whether the int8 / int4 kernels run prefill-sized calls (64+ rows) as bf16 GEMMs (see cpu_woq.cpp): where
+    the CPU has AVX-512 BF16, unless HFACCEL_CPU_QUANT_KERNEL=native-fp32."""
+    return _bf16_dot() and requested() != "native-fp32"
 
 
 def _register_fakes() -> None:
@@ -104,8 +113,8 @@ def describe() -> str:
     ok, why = status()
     if ok:
         if int4_kernel() == BF16_KERNEL:
-            return (f"CPU int kernels: hfaccel's {KERNEL} (int8: fp32 activations, nothing rounded but the weights; "
-                    f"int4: {BF16_KERNEL}, activations rounded to bf16 at up to 16 rows); {why}")
+            return (f"CPU int kernels: hfaccel's {KERNEL} (int8: fp32 activations at up to 16 rows; int4: "
+                    f"{BF16_KERNEL}, activations rounded to bf16; both: prefills of 64+ rows as bf16 GEMMs); {why}")
         return f"CPU int kernels: hfaccel's {KERNEL} (fp32 activations, nothing rounded but the weights); {why}"
     return f"CPU int kernels: aten's packed ones (activations rounded to bf16 around them); {why}"
 

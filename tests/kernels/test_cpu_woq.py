@@ -109,6 +109,56 @@ def test_int4_bf16_mm_against_float64_with_bf16_activations(m, n, k, g):
         torch.testing.assert_close(got16, got.to(torch.bfloat16), rtol=0, atol=0)
 
 
+def bf16_prefill(on: bool) -> bool:
+    """Set the kernels' bf16-prefill switch; returns what it was."""
+    return torch.ops.hfaccel_cpu.set_bf16_prefill(on)
+
+
+def test_the_bf16_prefill_switch_follows_the_policy():
+    now = bf16_prefill(False)
+    bf16_prefill(now)
+    assert now == cpu_woq.bf16_prefill() == (cpu_woq._bf16_dot() and cpu_woq.requested() != "native-fp32")
+
+
+# 63 rows stay fp32, 64+ take the bf16 GEMM; N = 1900 at K = 576 spans two blocks of rows (1808 + 92)
+@pytest.mark.parametrize("m", [63, 64, 100])
+@pytest.mark.parametrize("op", ["int8_mm", "int4_mm", "int4_bf16_mm"])
+@pytest.mark.parametrize("n", [96, 1900])
+def test_prefill_sized_calls_round_x_and_the_sums_to_bf16_when_switched_on(m, op, n):
+    if op == "int4_bf16_mm" and not cpu_woq._bf16_dot():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    k = 576
+    if op == "int8_mm":
+        torch.manual_seed(m + n)
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        scales = torch.rand(n) * 0.01 + 1e-3
+        x, args = torch.randn(m, k), (q, scales)
+        w, w16 = q.double() * scales.double()[:, None], q.double()            # int8 codes are exact in bf16
+        post = scales.double()
+    else:
+        x, packed, sz, w = int4_case(m, n, k, 64, seed=m + n)
+        args = (packed, sz.transpose(0, 1).contiguous() if op == "int4_bf16_mm" else sz, 64)
+        w16, post = w.float().to(torch.bfloat16).double(), torch.ones(n, dtype=torch.float64)
+    fn = getattr(cpu_woq, op)
+    exact = x.double() @ w.T
+    before = bf16_prefill(True)
+    try:
+        on = fn(x, *args).double()
+        bf16_prefill(False)
+        off = fn(x, *args).double()
+    finally:
+        bf16_prefill(before)
+    tight = dict(rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    torch.testing.assert_close(off, exact, **tight)
+    if m < 64:
+        torch.testing.assert_close(on, exact, **tight)
+        return
+    # x and the weights rounded to bf16, products summed in fp32, each sum rounded to bf16, then scaled
+    want = ((x.to(torch.bfloat16).double() @ w16.T).to(torch.bfloat16).double()) * post
+    torch.testing.assert_close(on, want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
+    assert (on - exact).abs().max() > 1e-4 * exact.abs().max()                  # it really ran in bf16
+
+
 @needs_bf16_dot
 def test_int4_bf16_mm_checks_the_transposed_scales():
     x, packed, sz, _ = int4_case(1, 8, 64, 32, seed=0)
