@@ -266,6 +266,27 @@ def test_policy_pads_to_the_cheapest_width_and_adapts():
     assert asked == [4, 2, 16] and pol.cost[1] == 4.0       # buckets 1, 2, 4, 8, 16+, each measured once
 
 
+def test_a_draft_slower_than_its_measured_step_stops_drafting():
+    """The table counts one compiled draft step; when proposing really takes longer (feeds, Python), the
+    observed cost per token takes over, and drafting that no longer pays stops (probes aside)."""
+    cost = [0, 10.0, 12.5, 13.8, 15.2]
+    pol = DraftPolicy(3, adaptive=True, cost=cost, draft_cost=2.0)
+    for _ in range(20):
+        pol.observe(9, 1)                                   # a -> 0.9
+    assert pol.choose_k(100) == 3 and pol.worth_drafting()
+    pol.observe_draft(0.5, 0)                               # nothing proposed: nothing learned
+    pol.observe_draft(1.0, 1)                               # cheaper than measured: the measurement stands
+    assert pol.draft_cost == 2.0
+    for _ in range(30):
+        pol.observe_draft(30.0, 3)                          # 10 per token, as slow as the target's step
+    assert 9.9 < pol.draft_cost <= 10.0 and pol.choose_k(100) == 0 and not pol.worth_drafting()
+    pol.use_batch(1)                                        # no measure(): the table and what was seen stay
+    assert pol.draft_cost > 9.9
+    unmeasured = DraftPolicy(3, adaptive=True)              # unit-less costs: seconds mean nothing there
+    unmeasured.observe_draft(30.0, 3)
+    assert unmeasured.draft_cost == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 def test_free_drafts_choose_one_verify_width_for_the_whole_batch():
