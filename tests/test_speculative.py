@@ -327,6 +327,29 @@ def test_a_batch_size_where_no_draft_length_can_pay_does_not_start_the_draft(tmp
     assert stats.last["undrafted_steps"] == stats.last["steps"] == 15
 
 
+def test_an_undrafted_compiled_call_runs_the_compiled_decoders_own_loop(monkeypatch):
+    """When no draft will be tried (a model draft that cannot pay at this batch size), the call hands the
+    rest to the compiled decode loop instead of stepping through the speculative loop's bookkeeping: same
+    tokens, same streamer calls as plain compiled decoding, no verify step, no draft prefill."""
+    from hfaccel.speculative.loop import Verifier
+
+    model, ref = models.tiny("llama"), models.tiny("llama")
+    hfaccel.accelerate_model(model, speculative={"draft": "self-int8"}, compile={"enabled": True})
+    monkeypatch.setattr(DraftPolicy, "worth_drafting", lambda self, cls=0: False)
+    monkeypatch.setattr(model.hfaccel_draft, "begin", lambda state: pytest.fail("the draft was started"))
+    monkeypatch.setattr(Verifier, "_greedy_step", lambda *a: pytest.fail("stepped through the speculative loop"))
+    for rows, seed in ((1, 3), (3, 5)):
+        ids, mask = batch(ref.config.vocab_size, rows, seed)
+        kw = {"attention_mask": mask, "max_new_tokens": 14, "do_sample": False, "pad_token_id": 0}
+        got, want = StreamRecorder(), StreamRecorder()
+        assert torch.equal(model.generate(ids, streamer=got, **kw), ref.generate(ids, streamer=want, **kw))
+        if rows == 1:                                       # generate() streams batch 1 only
+            assert got.calls == want.calls
+        last = model.hfaccel_spec_stats.last
+        assert last["drafting"] is False and last["undrafted_steps"] == last["steps"] == 13
+    assert model.hfaccel_compile_stats.fallback_calls == 0
+
+
 def test_bad_drafts_are_refused_before_any_change(tmp_path):
     model = models.tiny("llama")
     with pytest.raises(ConfigError, match=r"layer-skip:2' is not allowed for a model of 2 layers; allowed: "
