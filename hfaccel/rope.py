@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import fusion  # noqa: F401  (registers first: one application order whichever module is imported first)
 from .kernels import cpu_rope
 from .registry import Plan, register_feature
 from .report import Skip
@@ -35,22 +36,29 @@ _PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 
 # --- a function with one global resolved differently -------------------------------------------------
 
+def _reads(fn, name: str) -> bool:
+    return name in fn.__code__.co_names and name in fn.__globals__
+
+
+def _inner_functions(fn: types.FunctionType):
+    """(cell index, function) for each of fn's closure cells that holds a function (a decorator's wrapped one)."""
+    for i, cell in enumerate(fn.__closure__ or ()):
+        try:
+            inner = cell.cell_contents
+        except ValueError:                       # an empty cell
+            continue
+        if isinstance(inner, types.FunctionType):
+            yield i, inner
+
+
 def _reader(fn, name: str):
     """The function in `fn`'s wrapper chain that reads global `name` (fn itself, or one held in a closure cell
     of a decorator's wrapper), or None."""
     if not isinstance(fn, types.FunctionType):
         return None
-    if name in fn.__code__.co_names and name in fn.__globals__:
+    if _reads(fn, name):
         return fn
-    for cell in fn.__closure__ or ():
-        try:
-            inner = cell.cell_contents
-        except ValueError:                       # an empty cell
-            continue
-        found = _reader(inner, name)
-        if found is not None:
-            return found
-    return None
+    return next((r for _, inner in _inner_functions(fn) if (r := _reader(inner, name)) is not None), None)
 
 
 def _copy(fn: types.FunctionType, globals_: dict, closure) -> types.FunctionType:
@@ -64,23 +72,19 @@ def _copy(fn: types.FunctionType, globals_: dict, closure) -> types.FunctionType
 
 def with_global(fn, name: str, value) -> types.FunctionType | None:
     """A copy of `fn` in which global `name` is `value` (the module's own dict is left alone: the copy reads a
-    snapshot of it with that one entry replaced, and no `__name__`). Wrappers are copied down to the function that reads the name,
-    with `__wrapped__` pointing at the copy. None when nothing in the chain reads `name` as a global."""
+    snapshot of it with that one entry replaced, and no `__name__`). Wrappers are copied down to the function
+    that reads the name, with `__wrapped__` pointing at the copy. None when nothing in the chain reads `name`."""
     if not isinstance(fn, types.FunctionType):
         return None
-    if name in fn.__code__.co_names and name in fn.__globals__:
+    if _reads(fn, name):
         # without "__name__": torch.compile would look the globals up again as that module's (sys.modules) and
         # find the module's own function there; a dict with no name it guards as a dict of its own
         globals_ = {k: v for k, v in fn.__globals__.items() if k != "__name__"}
         return _copy(fn, {**globals_, name: value}, fn.__closure__)
-    cells = list(fn.__closure__ or ())
-    for i, cell in enumerate(cells):
-        try:
-            inner = cell.cell_contents
-        except ValueError:
-            continue
+    for i, inner in _inner_functions(fn):
         new = with_global(inner, name, value)
         if new is not None:
+            cells = list(fn.__closure__)
             cells[i] = types.CellType(new)
             out = _copy(fn, fn.__globals__, tuple(cells))
             if getattr(out, "__wrapped__", None) is inner:
@@ -102,8 +106,8 @@ def fused(original: Callable, contiguous: bool = False) -> Callable:
                 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
             try:
                 return op(q, k, cos, sin, contiguous)
-            except RuntimeError:                 # shapes, strides or dtypes it does not take: checked before
-                pass                             # it writes anything, and the eager ops handle them
+            except RuntimeError:                 # shapes, strides or dtypes it does not take (checked before
+                return original(q, k, cos, sin, unsqueeze_dim)   # it writes anything): the eager ops
         return original(q, k, cos, sin, unsqueeze_dim)
 
     apply_rotary_pos_emb.hfaccel_original = original

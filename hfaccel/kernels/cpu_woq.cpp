@@ -287,6 +287,11 @@ at::Tensor as_output(const at::Tensor& y, const at::Tensor& x) {
 // instead of 3e-7, far below the int8 weights' own. Exact-code layers (coded4_mm) never take it, and M < kBf16M
 // keeps fp32 activations (int8 at all decode and verify sizes).
 constexpr int64_t kBf16M = 64;
+
+// rows of the weight dequantized per GEMM call: ~1 M values (4 MB of fp32), a multiple of 16, at least 64
+int64_t rows_per_block(int64_t N, int64_t K) {
+  return std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) / 16 * 16));
+}
 std::atomic<bool> bf16_prefill{false};
 
 bool set_bf16_prefill(bool on) { return bf16_prefill.exchange(on); }
@@ -300,7 +305,7 @@ at::Tensor blocked_sgemm(const at::Tensor& xf, int64_t N, int64_t K, Dequant deq
   auto product = [&](const at::Tensor& w) {       // [M, rows] fp32
     return bf16 ? at::mm(xb, w.to(at::kBFloat16).t()).to(at::kFloat) : at::mm(xf, w.t());
   };
-  const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) / 16 * 16));
+  const int64_t nb = rows_per_block(N, K);
   // one buffer per calling thread, kept (<= 4 MB): a fresh 4 MB allocation is a fresh mmap whose page faults
   // cost about as much as the dequantization itself
   thread_local at::Tensor buffer;
@@ -329,7 +334,7 @@ at::Tensor blocked_sgemm(const at::Tensor& xf, int64_t N, int64_t K, Dequant deq
 // are rounded; each row's scale then multiplies its bf16 sums in fp32. A block of rows at a time (<= 2 MB of bf16).
 at::Tensor int8_bf16_gemm(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& scales) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
-  const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) / 16 * 16));
+  const int64_t nb = rows_per_block(N, K);
   const at::Tensor xb = xf.to(at::kBFloat16);
   const at::Tensor codes = q.narrow(1, 0, K);
   if (nb == N) return at::mm(xb, codes.to(at::kBFloat16).t()).to(at::kFloat).mul_(scales);

@@ -192,8 +192,7 @@ class DraftPolicy:
         per = seconds / tokens
         seen = self.observed.get(self.key)
         self.observed[self.key] = per if seen is None else 0.8 * seen + 0.2 * per
-        measured = self.tables[self.key][1] if self.key in self.tables else self.draft_cost
-        self.draft_cost = max(measured, self.observed[self.key])
+        self.draft_cost = max(self.tables[self.key][1], self.observed[self.key])
 
     @staticmethod
     def expected_tokens(a: float, k: int) -> float:
