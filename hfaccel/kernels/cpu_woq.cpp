@@ -288,63 +288,54 @@ at::Tensor as_output(const at::Tensor& y, const at::Tensor& x) {
 // keeps fp32 activations (int8 at all decode and verify sizes).
 constexpr int64_t kBf16M = 64;
 
-// rows of the weight dequantized per GEMM call: ~1 M values (4 MB of fp32), a multiple of 16, at least 64
-int64_t rows_per_block(int64_t N, int64_t K) {
-  return std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) / 16 * 16));
+// y [M, N] one block of rows of the weight at a time (~1 M values, a multiple of 16, at least 64 rows):
+// part(n0, rows) -> that block's [M, rows] fp32 product
+template <typename Part>
+at::Tensor by_row_blocks(int64_t M, int64_t N, int64_t K, const at::TensorOptions& options, Part part) {
+  const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) / 16 * 16));
+  if (nb == N) return part(0, N);
+  at::Tensor y = at::empty({M, N}, options);
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t rows = std::min(nb, N - n0);
+    y.narrow(1, n0, rows).copy_(part(n0, rows));
+  }
+  return y;
 }
+
 std::atomic<bool> bf16_prefill{false};
 
 bool set_bf16_prefill(bool on) { return bf16_prefill.exchange(on); }
+
+// whether a call of M rows takes the bf16 GEMM
+bool bf16_gemm(int64_t M) { return M >= kBf16M && bf16_prefill.load(std::memory_order_relaxed); }
 
 // Large M: y[:, rows] = x @ dequantize(rows).T, one block of rows (~4 MB of fp32) at a time; in bf16 when
 // `bf16` (the int layers' prefill, above).
 template <typename Dequant>
 at::Tensor blocked_sgemm(const at::Tensor& xf, int64_t N, int64_t K, Dequant dequant, bool bf16 = false) {
-  const int64_t M = xf.size(0);
   const at::Tensor xb = bf16 ? xf.to(at::kBFloat16) : at::Tensor();
-  auto product = [&](const at::Tensor& w) {       // [M, rows] fp32
-    return bf16 ? at::mm(xb, w.to(at::kBFloat16).t()).to(at::kFloat) : at::mm(xf, w.t());
-  };
-  const int64_t nb = rows_per_block(N, K);
   // one buffer per calling thread, kept (<= 4 MB): a fresh 4 MB allocation is a fresh mmap whose page faults
   // cost about as much as the dequantization itself
   thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < nb * K) buffer = at::empty({nb * K}, xf.options());
-  if (nb == N) {
-    float* wp = buffer.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) dequant(r, wp + r * K);
-    });
-    return product(buffer.narrow(0, 0, N * K).view({N, K}));
-  }
-  auto y = at::empty({M, N}, xf.options());
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t rows = std::min(nb, N - n0);
+  return by_row_blocks(xf.size(0), N, K, xf.options(), [&](int64_t n0, int64_t rows) {
+    if (!buffer.defined() || buffer.numel() < rows * K) buffer = at::empty({rows * K}, xf.options());
     auto wb = buffer.narrow(0, 0, rows * K).view({rows, K});
     float* wp = wb.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) dequant(n0 + r, wp + r * K);
     });
-    y.narrow(1, n0, rows).copy_(product(wb));
-  }
-  return y;
+    return bf16 ? at::mm(xb, wb.to(at::kBFloat16).t()).to(at::kFloat) : at::mm(xf, wb.t());
+  });
 }
 
 // int8_mm's bf16 prefill: the codes themselves as bf16 (exact: |q| <= 128 needs 8 bits), so only x and the sums
 // are rounded; each row's scale then multiplies its bf16 sums in fp32. A block of rows at a time (<= 2 MB of bf16).
 at::Tensor int8_bf16_gemm(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& scales) {
-  const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
-  const int64_t nb = rows_per_block(N, K);
   const at::Tensor xb = xf.to(at::kBFloat16);
-  const at::Tensor codes = q.narrow(1, 0, K);
-  if (nb == N) return at::mm(xb, codes.to(at::kBFloat16).t()).to(at::kFloat).mul_(scales);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t rows = std::min(nb, N - n0);
-    y.narrow(1, n0, rows).copy_(at::mm(xb, codes.narrow(0, n0, rows).to(at::kBFloat16).t()).to(at::kFloat)
-                                    .mul_(scales.narrow(0, n0, rows)));
-  }
-  return y;
+  const at::Tensor codes = q.narrow(1, 0, xf.size(1));
+  return by_row_blocks(xf.size(0), q.size(0), xf.size(1), xf.options(), [&](int64_t n0, int64_t rows) {
+    return at::mm(xb, codes.narrow(0, n0, rows).to(at::kBFloat16).t()).to(at::kFloat).mul_(scales.narrow(0, n0, rows));
+  });
 }
 
 void check_x(const at::Tensor& x, int64_t width, const char* what) {
@@ -366,7 +357,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   at::Tensor y;
-  if (M >= kBf16M && bf16_prefill.load(std::memory_order_relaxed)) {
+  if (bf16_gemm(M)) {
     y = int8_bf16_gemm(xf, q, scales);
   } else if (M > kSmallM) {
     y = blocked_sgemm(xf, N, K, [&](int64_t n, float* out) {
@@ -441,7 +432,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   if (M > kSmallM) {
     y = blocked_sgemm(xf, N, Kp, [&](int64_t n, float* out) {
       int4_row(pp + n * (Kp / 2), Kp, group_size, sz + n * 2, N, out);
-    }, M >= kBf16M && bf16_prefill.load(std::memory_order_relaxed));
+    }, bf16_gemm(M));
   } else {
     c10::SmallVector<float, 1024> xs(M * G);      // per-group sums of x: the offsets' share of each output
     for (int64_t m = 0; m < M; ++m)
@@ -609,7 +600,7 @@ at::Tensor int4_bf16_mm(const at::Tensor& x, const at::Tensor& packed, const at:
     if (xf.size(1) < Kp) xf = at::constant_pad_nd(xf, {0, Kp - xf.size(1)});
     at::Tensor y = blocked_sgemm(xf, N, Kp, [&](int64_t n, float* out) {
       int4_row(pp + n * (Kp / 2), Kp, group_size, sz + n * G * 2, 1, out);
-    }, M >= kBf16M && bf16_prefill.load(std::memory_order_relaxed));
+    }, bf16_gemm(M));
     return as_output(y, x);
   }
   x2 = x2.contiguous();
