@@ -344,10 +344,34 @@ def _counting_backend(stats: CompileStats, mode: str, cpp_wrapper: bool = False,
     return backend
 
 
-def _tensor_state(model: nn.Module) -> tuple:
-    """Every parameter and buffer of the model as the compiled graphs read it: storage, shape, stride, dtype."""
-    return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-                 for t in itertools.chain(model.parameters(), model.buffers()))
+class TensorState:
+    """The model's modules, parameters and buffers as the compiled graphs read them - which child module, which
+    tensor object, its storage, shape, stride, dtype and device - recorded once and checked per generate() call
+    in ~0.3 ms (SmolLM2: 485 tensors, 396 submodules). Walking model.parameters() and model.buffers() again
+    each call took ~1.6 ms, most of it Module.named_modules."""
+
+    def __init__(self, model: nn.Module):
+        self.tensors: list[tuple] = []
+        self.children: list[tuple] = []
+        for prefix, mod in model.named_modules():
+            for d in (mod._parameters, mod._buffers):
+                for key, t in d.items():
+                    if t is not None:
+                        self.tensors.append((d, key, t, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device,
+                                             f"{prefix}.{key}" if prefix else key))
+            for key, child in mod._modules.items():
+                self.children.append((mod._modules, key, child, f"{prefix}.{key}" if prefix else key))
+
+    def changed(self) -> str | None:
+        """The name of the first module or tensor replaced, resized, cast or moved since recording, or None."""
+        for d, key, t, ptr, shape, stride, dtype, device, name in self.tensors:
+            if (d.get(key) is not t or t.data_ptr() != ptr or t.shape != shape or t.stride() != stride
+                    or t.dtype != dtype or t.device != device):
+                return name
+        for d, key, child, name in self.children:
+            if d.get(key) is not child:
+                return f"{name} replaced"
+        return None
 
 
 class DecodeBuffers:
@@ -401,7 +425,7 @@ class CompiledDecoder:
         self.vocab = getattr(head, "out_features", None) or model.config.get_text_config().vocab_size
         self.shapes: set[tuple[int, int]] = set()     # (batch, columns) graphs built
         # the model's tensors as the first graph was traced: the graphs neither guard nor assert on them
-        self._traced: tuple | None = None
+        self._traced: TensorState | None = None
         backend = functools.partial(_counting_backend, self.stats, mode, self.cpp_wrapper, self._record_state)
         self._fn = torch.compile(_own_code(self._step), fullgraph=True, dynamic=False, backend=backend(),
                                  options=_options())
@@ -415,22 +439,15 @@ class CompiledDecoder:
 
     def _record_state(self) -> None:
         if self._traced is None:
-            self._traced = _tensor_state(self.model)
+            self._traced = TensorState(self.model)
 
     def changed(self) -> str | None:
-        """Why the compiled graphs no longer fit the model (a parameter or buffer replaced, resized, cast or moved
-        since the first graph was traced: its kernels would read the new tensor as the old one), or None."""
-        if self._traced is None:
+        """Why the compiled graphs no longer fit the model (a submodule, parameter or buffer replaced, resized, cast
+        or moved since the first graph was traced: its kernels would read the new tensor as the old one), or
+        None."""
+        what = None if self._traced is None else self._traced.changed()
+        if what is None:
             return None
-        now = _tensor_state(self.model)
-        if now == self._traced:
-            return None
-        if len(now) != len(self._traced):
-            what = f"{len(self._traced)} -> {len(now)} tensors"
-        else:
-            names = [n for n, _ in itertools.chain(self.model.named_parameters(), self.model.named_buffers())]
-            i = next(i for i, (a, b) in enumerate(zip(now, self._traced)) if a != b)
-            what = names[i] if len(names) == len(now) else f"tensor {i}"
         return (f"the model's tensors changed after it was compiled ({what}); revert_model() and accelerate_model() "
                 f"again to compile the new ones")
 

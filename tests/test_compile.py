@@ -374,3 +374,29 @@ def test_cpp_wrapper_reaches_inductor_and_stays_token_exact(monkeypatch):
     _, _, plain = compiled("llama")
     assert not any("C++ wrapper" in c.after for c in plain.changes)
     assert seen and not any(p.get("cpp_wrapper") for p in seen)
+
+
+def test_tensor_state_names_what_changed():
+    """CompiledDecoder.changed's record: the first tensor replaced, re-pointed, cast or resized by name, a
+    replaced submodule by name, nothing for an untouched model."""
+    from hfaccel.compile import TensorState
+
+    model = models.tiny("llama")
+    state = TensorState(model)
+    assert state.changed() is None
+    mlp = model.model.layers[1].mlp
+    old = mlp.up_proj.weight.data
+    mlp.up_proj.weight.data = old.clone()                      # same Parameter, new storage
+    assert state.changed() == "model.layers.1.mlp.up_proj.weight"
+    mlp.up_proj.weight.data = old
+    assert state.changed() is None
+    model.model.norm.weight.data = model.model.norm.weight.data.to(torch.float64)
+    assert state.changed() == "model.norm.weight"
+    model = models.tiny("llama")
+    state = TensorState(model)
+    model.model.layers[0].self_attn.o_proj = torch.nn.Linear(4, 4)
+    assert state.changed() == "model.layers.0.self_attn.o_proj replaced"
+    model = models.tiny("llama")
+    state = TensorState(model)
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq[:2]      # a buffer resized
+    assert state.changed() == "model.rotary_emb.inv_freq"
