@@ -301,9 +301,18 @@ def test_free_drafts_choose_one_verify_width_for_the_whole_batch():
     one.alpha[3] = 0.9
     assert one.plan_rows([5], [3], live=1) == [5]
     assert DraftPolicy(10, adaptive=False, cost=[0, 1.0] + [2.0] * 11).plan_rows([5, 0], [3, None], live=2) == [5, 0]
-    pol.alpha[1] = 0.05                                # a class that never pays: probed after 4, 8, then 16 steps
-    drafted = [i for i in range(40) if any(pol.plan_rows([4, 4, 4, 4], [1, 1, 1, 1], live=4))]
+    pol.alpha[1] = 0.05            # a width that costs 2x the step cannot pay even at the probe ceiling's 90%
+    assert not any(any(pol.plan_rows([4, 4, 4, 4], [1, 1, 1, 1], live=4)) for _ in range(40))
+    cheaper = DraftPolicy(10, adaptive=True, cost=[0, 1.0] + [1.7] * 11)
+    cheaper.alpha[1] = 0.05                            # a class that never pays: probed after 4, 8, then 16 steps
+    drafted = [i for i in range(40) if any(cheaper.plan_rows([4, 4, 4, 4], [1, 1, 1, 1], live=4))]
     assert drafted == [3, 11, 27], drafted
+    # a probe only where the proposing rows could pay at 90%: one row of four cannot (4.9 / 1.7 < 4 tokens per
+    # step); the class stays due and is probed at the first step where all four propose
+    again = DraftPolicy(10, adaptive=True, cost=[0, 1.0] + [1.7] * 11)
+    again.alpha[1] = 0.05
+    assert not any(any(again.plan_rows([4, 0, 0, 0], [1, None, None, None], live=4)) for _ in range(10))
+    assert again.plan_rows([4, 4, 4, 4], [1, 1, 1, 1], live=4) == [1, 1, 1, 1]
 
 
 def test_a_batch_size_where_no_draft_length_can_pay_does_not_start_the_draft(tmp_path, monkeypatch):

@@ -138,7 +138,8 @@ class DraftPolicy:
     matched, since a 3-gram match continues far more often than a 1-gram one; `plan_rows` weighs the whole
     batch, whose rows share one verify width). `a` is the geometric-model
     estimate accepted / (accepted + rejections), smoothed. k = 0 (plain decode) wins while drafting does not
-    pay; a class is still probed after 4, 8, then every 16 such steps. A verify is padded up to the cheapest
+    pay; a class is still probed after 4, 8, then every 16 such steps, at a step whose proposing rows could
+    pay for the probe's width at 90% acceptance. A verify is padded up to the cheapest
     width at least as wide as the proposals (padding is never accepted). Fixed: always k = max_k.
     """
 
@@ -268,11 +269,15 @@ class DraftPolicy:
                 self.idle[c] = self.idle.get(c, 0) + 1
                 if self.idle[c] >= self.interval.get(c, self.PROBE_EVERY):
                     due.append(c)
-            for c in due:
-                self.idle[c] = 0
-                self.interval[c] = min(self.interval.get(c, self.PROBE_EVERY) * 2, self.MAX_INTERVAL)
-            if due:                 # the narrowest verify that measures acceptance: one draft token per row
-                w = 2
+            # a probe only where these rows could pay for a width-2 verify at the ceiling's acceptance: one row
+            # of four proposing never does at batch 4 (2-core CPU, SmolLM2: width 2 costs 1.7x the step), and
+            # such probes cost chat prompts ~3% against plain decoding (a due class waits for a step that can)
+            ceiling = {c: max(self.PROBE_CEILING, a) for c, a in alpha.items()}
+            if due and self._rate(2, lengths, classes, ceiling, live) > self._rate(1, lengths, classes, alpha, live):
+                for c in due:
+                    self.idle[c] = 0
+                    self.interval[c] = min(self.interval.get(c, self.PROBE_EVERY) * 2, self.MAX_INTERVAL)
+                w = 2               # the narrowest verify that measures acceptance: one draft token per row
         else:
             for c in present:
                 self.idle[c] = 0
