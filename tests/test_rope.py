@@ -32,6 +32,14 @@ def inputs(b, hq, hk, s, d, r, bc, dtype, seed=0):
     return q, k, torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
 
 
+def rope_change(report):
+    """The report's fuse_rope change; where there is none, the assertion says what the report gave instead."""
+    found = [c for c in report.changes if c.feature == "fuse_rope"]
+    assert found, (f"no fuse_rope change; skipped: {[(s.feature, s.reason) for s in report.skipped]}; "
+                   f"notes: {report.notes}")
+    return found[0]
+
+
 def op_calls(fn) -> int:
     """How many times fn() ran hfaccel's RoPE op (from the profiler: nothing is patched to count)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -81,7 +89,7 @@ def test_models_keep_their_logits_and_tokens_with_the_fused_rope(arch, dtype):
     model, ref = models.tiny(arch, dtype=dtype), models.tiny(arch, dtype=dtype)
     report = hfaccel.accelerate_model(model, **EAGER)
     n = model.config.num_hidden_layers
-    change = next(c for c in report.changes if c.feature == "fuse_rope")
+    change = rope_change(report)
     assert change.target.startswith(f"{n} x ") and change.lossless and change.reversible
     ids = prompts(ref.config.vocab_size, batch=2, length=11)
     with torch.no_grad():
@@ -93,7 +101,7 @@ def test_models_keep_their_logits_and_tokens_with_the_fused_rope(arch, dtype):
 def test_nothing_outside_the_instance_changes_and_revert_removes_it():
     cls_forward, module_fn = modeling_llama.LlamaAttention.forward, modeling_llama.apply_rotary_pos_emb
     model, other = models.tiny("llama"), models.tiny("llama")
-    hfaccel.accelerate_model(model, **EAGER)
+    rope_change(hfaccel.accelerate_model(model, **EAGER))
     attn = model.model.layers[0].self_attn
     assert "forward" in attn.__dict__
     assert modeling_llama.LlamaAttention.forward is cls_forward and modeling_llama.apply_rotary_pos_emb is module_fn
@@ -126,7 +134,8 @@ def test_a_probe_that_differs_leaves_rope_alone_and_says_why(monkeypatch):
     model = models.tiny("mistral")
     report = hfaccel.accelerate_model(model, **EAGER)
     assert not any(c.feature == "fuse_rope" for c in report.changes)
-    assert any("fuse_rope: not bit-identical" in n and "left as Transformers' ops" in n for n in report.notes)
+    assert any("fuse_rope: not bit-identical" in n and "left as Transformers' ops" in n
+               for n in report.notes), (report.notes, [(s.feature, s.reason) for s in report.skipped])
     assert "forward" not in model.model.layers[0].self_attn.__dict__
 
 
