@@ -816,6 +816,8 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
             try:
                 if cache is None or out.sequences.shape[1] != prompt.shape[1] + 1:
                     return fallback("prefill returned no cache", args, kwargs)
+                if streamer is not None:                 # the first token is the user's now, before the KV copy
+                    streamer.put(out.sequences[:, -1].cpu())
                 t = time.perf_counter()
                 with torch.inference_mode():
                     buf = decoder.load_prefill(cache, prompt.shape[1], mask, new - 1)
@@ -823,8 +825,6 @@ def make_generate(model: nn.Module, decoder: CompiledDecoder):
                         cache.release()
                     cache = None
                     positions = _prefill_positions(mask, prompt.shape[0], prompt.shape[1], prompt.device)
-                    if streamer is not None:
-                        streamer.put(out.sequences[:, -1].cpu())
                     rest = decoder.decode(buf, out.sequences[:, -1:], prompt.shape[1], positions, new - 1,
                                           min_new, eos, pad, streamer=streamer)
                     if streamer is not None:

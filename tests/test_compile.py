@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hfaccel
+from hfaccel import compile as hc
 from hfaccel import models
 from hfaccel.compile import BUCKET, step_attention, verify_attention, why_not
 from tests.conftest import StreamRecorder, assert_compiled_greedy_equal, greedy, prompts
@@ -89,6 +90,19 @@ def test_streamer_gets_the_prompt_then_each_token_then_end():
         b = model.generate(ids, max_new_tokens=30, do_sample=False, streamer=got, **kw)
         assert torch.equal(a, b) and got.calls == want.calls
     assert model.hfaccel_compile_stats.compiled_calls == 2
+
+
+def test_the_first_token_is_streamed_before_the_prefill_cache_is_copied(monkeypatch):
+    # TTFT is when the user sees the first token: the copy of the prefill's KV into the decode buffers comes after
+    model, ref, _ = compiled("llama")
+    ids = prompts(ref.config.vocab_size, batch=1, length=8)
+    got, seen = StreamRecorder(), []
+    real = hc.CompiledDecoder.load_prefill
+    monkeypatch.setattr(hc.CompiledDecoder, "load_prefill", lambda self, *a: (seen.append(len(got.calls)),
+                                                                              real(self, *a))[1])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, streamer=got)
+    assert seen == [2] and got.calls[1] == out[:, 8].tolist()        # the prompt, then the first token
+    assert model.hfaccel_compile_stats.compiled_calls == 1
 
 
 def test_max_length_and_generation_config_budgets():
