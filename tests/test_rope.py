@@ -32,11 +32,15 @@ def inputs(b, hq, hk, s, d, r, bc, dtype, seed=0):
     return q, k, torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
 
 
+def said(report) -> str:
+    """What a report gave instead of a change: its skips and notes, for an assertion's message."""
+    return f"skipped: {[(s.feature, s.reason) for s in report.skipped]}; notes: {report.notes}"
+
+
 def rope_change(report):
     """The report's fuse_rope change; where there is none, the assertion says what the report gave instead."""
     found = [c for c in report.changes if c.feature == "fuse_rope"]
-    assert found, (f"no fuse_rope change; skipped: {[(s.feature, s.reason) for s in report.skipped]}; "
-                   f"notes: {report.notes}")
+    assert found, f"no fuse_rope change; {said(report)}"
     return found[0]
 
 
@@ -135,7 +139,7 @@ def test_a_probe_that_differs_leaves_rope_alone_and_says_why(monkeypatch):
     report = hfaccel.accelerate_model(model, **EAGER)
     assert not any(c.feature == "fuse_rope" for c in report.changes)
     assert any("fuse_rope: not bit-identical" in n and "left as Transformers' ops" in n
-               for n in report.notes), (report.notes, [(s.feature, s.reason) for s in report.skipped])
+               for n in report.notes), said(report)
     assert "forward" not in model.model.layers[0].self_attn.__dict__
 
 
